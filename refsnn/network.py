@@ -170,12 +170,12 @@ class Network:
             raise ShapeError("input holds NaN or inf values; check the data and its encoding")
         return x.astype(self.dtype, copy=False)
 
-    def forward(self, x) -> Trace:
-        return self.method.forward(self.p, self.layers, self.check_input(x))
+    def forward(self, x, *, train: bool = False, rng=None) -> Trace:
+        return self.method.forward(self.p, self.layers, self.check_input(x), train=train, rng=rng)
 
-    def loss_and_grads(self, x, target) -> tuple[float, list, Trace]:
+    def loss_and_grads(self, x, target, *, train: bool = False, rng=None) -> tuple[float, list, Trace]:
         """The batch loss, the gradient of every parameter (flat, like :meth:`params`), the trace."""
-        trace = self.forward(x)
+        trace = self.forward(x, train=train, rng=rng)
         grads = self.method.backward(self.p, self.layers, trace, target)
         flat = [g for per_layer in grads for g in (per_layer or [])]
         return float(trace.loss), flat, trace

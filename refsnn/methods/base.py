@@ -262,12 +262,26 @@ class Method:
         for arr in layer.params:
             arr[...] = init_torch(fan_in, arr.shape, rng, dtype)
 
+    def post_update(self, p, layers):
+        """Called after every optimizer step (weight clamps and limits of the spec); default none."""
+
+    def layer_summary(self, state) -> dict:
+        """Per-layer numbers for the metrics log; default: spike rate and silent fraction."""
+        s = np.asarray(state.spikes)
+        rate = float(s.mean()) if s.size else 0.0
+        silent = float(np.mean(s.reshape(-1, s.shape[-1]).sum(axis=0) == 0)) if s.size else 0.0
+        return {"spike_rate": rate, "silent": silent}
+
     # ---- the default driver ------------------------------------------------------------------
     def has_neurons(self, layer) -> bool:
         return layer.kind in ("dense", "conv") or (self.spiking_pool and layer.kind.endswith("pool"))
 
-    def forward(self, p, layers, x) -> Trace:
-        """Run the chain: I_l = layer_l(x_{l-1}) on all T*B rows, then the neuron recursion."""
+    def forward(self, p, layers, x, *, train: bool = False, rng=None) -> Trace:
+        """Run the chain: I_l = layer_l(x_{l-1}) on all T*B rows, then the neuron recursion.
+
+        ``train`` and ``rng`` are for methods with random training-time pieces (dropout masks);
+        the default chain has none.
+        """
         T, B = x.shape[:2]
         n_spiking = sum(self.has_neurons(layer) for layer in layers)
         h = self.encode_input(p, x)
