@@ -2,9 +2,9 @@
 
 ``central_fd(f, arrays)`` perturbs every entry of every array in place (restoring it after) and
 returns the numerical gradient of the scalar ``f()``. ``compare(analytic, numeric)`` gives a
-:class:`GradReport` with the max abs and relative error and the worst entry per array.
-Rule (STYLE.md 2.6): an array passes when max|fd - an| <= rtol * max(1, max|an|)... by default the
-spec's own tolerance is passed in by the caller.
+:class:`GradReport` with the max abs and relative error and the worst entry per array. The pass
+rule is the specs' (e.g. stbp 6.2): max|fd - an| / max|an| <= rtol, with the step ``h`` and
+``rtol`` given by the caller from the method's spec.
 """
 
 from __future__ import annotations
