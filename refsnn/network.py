@@ -6,6 +6,7 @@ The architecture is a short string (ARCHITECTURE.md, spec stbp 8.1 notation):
 - ``NcK`` a conv layer with N channels and a KxK kernel, stride 1; ``sS`` and ``pP`` after it set
   the stride and the padding (``32c3p1``, ``64c3s2p1``);
 - ``aK`` pooling with a KxK window and stride K (the method's pooling form, e.g. STBP S18);
+- ``mK`` max pooling with a KxK window and stride K, for the methods whose spec has it (bpsta 5.4);
 - a bare number a dense layer of that size (a Flatten is inserted after a conv/pool stage).
 
 Every conv and dense layer carries neurons; pooling carries neurons where the method's spec makes
@@ -26,12 +27,13 @@ from .methods.base import Method, Params, Trace
 
 _CONV = re.compile(r"^(\d+)c(\d+)(?:s(\d+))?(?:p(\d+))?$")
 _POOL = re.compile(r"^a(\d+)$")
+_MAXPOOL = re.compile(r"^m(\d+)$")
 _IMG = re.compile(r"^(\d+)x(\d+)x(\d+)$")
 
 
 @dataclass(frozen=True)
 class LayerSpec:
-    kind: str            # "dense", "conv", "pool"
+    kind: str            # "dense", "conv", "pool", "maxpool"
     n: int = 0           # dense size or conv channels
     k: int = 0           # kernel or pool size
     stride: int = 1
@@ -62,9 +64,11 @@ def parse_arch(arch: str) -> tuple[tuple, list[LayerSpec]]:
             specs.append(LayerSpec("conv", n=int(n), k=int(k), stride=int(s or 1), padding=int(p or 0)))
         elif (m := _POOL.match(tok)):
             specs.append(LayerSpec("pool", k=int(m.group(1))))
+        elif (m := _MAXPOOL.match(tok)):
+            specs.append(LayerSpec("maxpool", k=int(m.group(1))))
         else:
             raise ConfigError(f"architecture {arch!r}: cannot read {tok!r}; use a number (dense), "
-                              "'NcK[sS][pP]' (conv), or 'aK' (pooling)")
+                              "'NcK[sS][pP]' (conv), 'aK' (pooling) or 'mK' (max pooling)")
         if min(v for v in (specs[-1].n or 1, specs[-1].k or 1, specs[-1].stride)) < 1:
             raise ConfigError(f"architecture {arch!r}: {tok!r} has a zero size")
     if specs[-1].kind != "dense":
@@ -78,7 +82,7 @@ def build_layers(method: Method, p: Params, arch: str, rng: np.random.Generator,
     in_shape, specs = parse_arch(arch)
     shape, layers = in_shape, []
     for s in specs:
-        if s.kind in ("conv", "pool") and len(shape) != 3:
+        if s.kind in ("conv", "pool", "maxpool") and len(shape) != 3:
             raise ConfigError(f"architecture {arch!r}: a conv or pooling layer needs an image "
                               "input 'HxWxC', not a flat vector")
         if s.kind == "dense":
@@ -99,10 +103,15 @@ def build_layers(method: Method, p: Params, arch: str, rng: np.random.Generator,
             if shape[1] < s.k or shape[2] < s.k:
                 raise ConfigError(f"architecture {arch!r}: a{s.k} pooling does not fit the "
                                   f"{shape[1]}x{shape[2]} map of that stage")
-            layer = method.make_pool(p, shape, s.k)
+            layer = (method.make_pool(p, shape, s.k) if s.kind == "pool"
+                     else method.make_maxpool(p, shape, s.k))
         method.init_layer(p, layer, rng, dtype)
         layers.append(layer)
         shape = layer.out_shape
+        for extra in method.extra_layers(p, layer, dtype):     # e.g. bpsta's BN after a conv
+            method.init_layer(p, extra, rng, dtype)
+            layers.append(extra)
+            shape = extra.out_shape
     return layers
 
 

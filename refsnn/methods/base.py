@@ -255,6 +255,14 @@ class Method:
         from ..layers import AvgPool2d
         return AvgPool2d(in_shape, k=k)
 
+    def make_maxpool(self, p, in_shape: tuple, k: int):
+        """The max-pooling layer of an ``mK`` token, for the methods whose spec has one."""
+        raise ConfigError(f"{self.name} has no max pooling in its spec; use 'a{k}' pooling")
+
+    def extra_layers(self, p, layer, dtype) -> list:
+        """Layers the method's spec puts right after ``layer`` (bpsta: BN after a conv); none."""
+        return []
+
     def init_layer(self, p, layer, rng, dtype):
         """Initialise a layer's parameters in place (default: PyTorch's U(±1/sqrt(fan_in)))."""
         from ..layers import init_torch
