@@ -280,6 +280,20 @@ class Method:
         silent = float(np.mean(s.reshape(-1, s.shape[-1]).sum(axis=0) == 0)) if s.size else 0.0
         return {"spike_rate": rate, "silent": silent}
 
+    def fd_objective(self, p, layers, x, target) -> "FDCheck":
+        """The spec's finite-difference check on one batch (used by `refsnn gradcheck`).
+
+        Returns an :class:`FDCheck`: ``F()`` is the loss of the exactly differentiable relaxation
+        the spec names (e.g. spike masks frozen at the reference forward), evaluated at the
+        CURRENT values of the layers' parameter arrays, which the check perturbs in place and
+        restores; ``grads`` is the method's hand gradient at the reference values, one array per
+        array of ``[a for layer in layers for a in layer.params]``; at the reference values F()
+        equals the method's loss. ``h``, ``rtol`` and ``rule`` are the spec's step and pass rule
+        (max|fd - an| <= rtol * max|an| over all arrays). Default: no such check.
+        """
+        raise NotImplementedError(f"{self.name} provides no finite-difference objective "
+                                  "(Method.fd_objective)")
+
     # ---- the default driver ------------------------------------------------------------------
     def has_neurons(self, layer) -> bool:
         return layer.kind in ("dense", "conv") or (self.spiking_pool and layer.kind.endswith("pool"))
@@ -394,6 +408,15 @@ def _one(a):
     if a.ndim == 2 and a.shape[0] == 1:
         return a[0]
     return a
+
+
+class FDCheck(NamedTuple):
+    """What :meth:`Method.fd_objective` returns: F, the hand gradient, and the spec's rule."""
+    F: Any                  # () -> float, the relaxation's loss at the current parameter values
+    grads: list             # hand gradient, flat like Network.params()
+    h: float = 1e-6         # central-difference step
+    rtol: float = 1e-6      # pass: max|fd - an| <= rtol * max|an| (over all arrays)
+    rule: str = ""          # where the rule is written, e.g. "stbp 6.2"
 
 
 class Ref(NamedTuple):
