@@ -76,9 +76,23 @@ def parse_arch(arch: str) -> tuple[tuple, list[LayerSpec]]:
     return in_shape, specs
 
 
+def _init_layer(method: Method, p: Params, layer, rng, dtype, init: str):
+    """``method.init_layer``, naming the rule ``init`` (TrainConfig.init) where one is chosen."""
+    if not init:
+        return method.init_layer(p, layer, rng, dtype)
+    import inspect
+    if "init" not in inspect.signature(method.init_layer).parameters:
+        raise ConfigError(f"{method.name} has one init rule, its spec's; leave init empty "
+                          f"(got {init!r})")
+    return method.init_layer(p, layer, rng, dtype, init=init)
+
+
 def build_layers(method: Method, p: Params, arch: str, rng: np.random.Generator,
-                 dtype=np.float64) -> list:
-    """Layers of ``arch`` with parameters initialised by the method's rule (seeded by ``rng``)."""
+                 dtype=np.float64, init: str = "") -> list:
+    """Layers of ``arch`` with parameters initialised by the method's rule (seeded by ``rng``).
+
+    ``init`` names one of the method's init rules where it has several (stbp: torch, rownorm).
+    """
     in_shape, specs = parse_arch(arch)
     shape, layers = in_shape, []
     for s in specs:
@@ -105,11 +119,11 @@ def build_layers(method: Method, p: Params, arch: str, rng: np.random.Generator,
                                   f"{shape[1]}x{shape[2]} map of that stage")
             layer = (method.make_pool(p, shape, s.k) if s.kind == "pool"
                      else method.make_maxpool(p, shape, s.k))
-        method.init_layer(p, layer, rng, dtype)
+        _init_layer(method, p, layer, rng, dtype, init)
         layers.append(layer)
         shape = layer.out_shape
         for extra in method.extra_layers(p, layer, dtype):     # e.g. bpsta's BN after a conv
-            method.init_layer(p, extra, rng, dtype)
+            _init_layer(method, p, extra, rng, dtype, init)
             layers.append(extra)
             shape = extra.out_shape
     return layers
@@ -134,11 +148,12 @@ class Network:
                                  f"{b.describe()} reads {b.in_shape}")
 
     @classmethod
-    def build(cls, arch: str, method, params=None, *, seed=None, rng=None, dtype=np.float64):
+    def build(cls, arch: str, method, params=None, *, seed=None, rng=None, dtype=np.float64,
+              init: str = ""):
         m = get_method(method) if isinstance(method, str) else method
         p = params if isinstance(params, Params) else m.Params.from_dict(params)
         rng = rng if rng is not None else np.random.default_rng(seed)
-        return cls(build_layers(m, p, arch, rng, np.dtype(dtype)), m, p, arch=arch)
+        return cls(build_layers(m, p, arch, rng, np.dtype(dtype), init), m, p, arch=arch)
 
     # ---- shapes and parameters -----------------------------------------------------------------
     @property
