@@ -395,6 +395,43 @@ class Method:
             out[name] = [_one(v) for v in per_layer]
         return out
 
+    def random_case(self, rng, sizes=None, T=None) -> dict:
+        """Arguments of one random oracle case (for `refsnn oracle export`).
+
+        Draws T in 2..10 (or ``T``), 1-3 layers of 2-8 neurons (or ``sizes`` = [n_0, ..., n_L]),
+        N(0, 1/n_in)-scaled weights times 1-3, Bernoulli(0.2-0.6) input spikes, a label, and a
+        random value of every switch of the method's Params (redrawn while the combination is
+        invalid). Methods whose spec needs other ranges (thresholds, analog input, targets)
+        override this.
+        """
+        T = int(T or rng.integers(2, 11))
+        if sizes is None:
+            depth = int(rng.integers(1, 4))
+            sizes = [int(v) for v in rng.integers(2, 9, size=depth + 1)]
+        scale = rng.uniform(1.0, 3.0)
+        weights = [rng.normal(0, scale / np.sqrt(n_in), (n_out, n_in))
+                   for n_in, n_out in zip(sizes[:-1], sizes[1:])]
+        inputs = (rng.random((T, sizes[0])) < rng.uniform(0.2, 0.6)).astype(np.float64)
+        for _ in range(100):
+            params = {r.name: r.choices[int(rng.integers(len(r.choices)))]
+                      for r in self.Params.table() if r.choices}
+            try:
+                p = self.Params.from_dict(params)
+                self.make_target(p, np.array([0]), sizes[-1], T)
+                break
+            except ConfigError:
+                continue
+        n_classes = self.n_classes(p, sizes[-1])
+        case = {"weights": weights, "inputs": inputs, "label": int(rng.integers(n_classes)),
+                "params": params}
+        if self.uses_bias(p):
+            case["biases"] = [rng.normal(0, 0.2, n) for n in sizes[1:]]
+        return case
+
+    def n_classes(self, p, n_out: int) -> int:
+        """Number of classes read from an output layer of n_out neurons (default: n_out)."""
+        return n_out
+
     def case_target(self, p, target, n_out: int, T: int):
         """The oracle's explicit ``target`` as a batch of one (methods check its shape)."""
         return np.asarray(target, dtype=np.float64)[None]
