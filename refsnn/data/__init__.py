@@ -1,5 +1,6 @@
 """Dataset readers and the dataset registry (see registry.py for names and lookup order)."""
 
+from refsnn.data.eventsets import EventDataset
 from refsnn.data.idx import read_idx, write_idx
 from refsnn.data.registry import (
     Dataset,
@@ -19,4 +20,5 @@ __all__ = [
     "list_datasets",
     "subset",
     "stratified_counts",
+    "EventDataset",
 ]

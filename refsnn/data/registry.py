@@ -15,6 +15,8 @@ Where a full set is looked for, in this order (the first folder holding all four
 ``<subfolder>`` is the dataset's name (``mnist``, ``fashion-mnist``) or the layout torchvision
 writes (``MNIST/raw``, ``FashionMNIST/raw``). data/README.md of the source tree says how to get
 each set.
+Event sets (``nmnist``, ``nmnist-synth``, ``dvs-gesture``, ``cifar10-dvs``, ``shd``) are loaded
+by refsnn/data/eventsets.py as EventDatasets (``temporal = True``), same lookup order.
 """
 
 from __future__ import annotations
@@ -96,6 +98,8 @@ class Dataset:
     Use :meth:`x01` for float pixels in [0, 1]; it converts only what is asked for, so no second
     copy of the set is kept.
     """
+
+    temporal = False  # images, encoded per step by the trainer (EventDataset: already (T, ...))
 
     name: str
     train_x: np.ndarray
@@ -304,6 +308,10 @@ def load_dataset(name_or_folder, data_dir=None) -> Dataset:
         When a dataset cannot be found (the message lists the folders tried and how to get it)
         or its files are invalid.
     """
+    from refsnn.data.eventsets import EVENT_SETS, load_event_dataset
+
+    if isinstance(name_or_folder, str) and name_or_folder in EVENT_SETS:
+        return load_event_dataset(name_or_folder, data_dir)  # events: refsnn/data/eventsets.py
     if isinstance(name_or_folder, str) and name_or_folder in _REGISTRY:
         name = name_or_folder
         if name == _EMBEDDED:
@@ -331,10 +339,11 @@ def load_dataset(name_or_folder, data_dir=None) -> Dataset:
     if looks_like_path:
         raise DataError(
             f"dataset folder {path} does not exist; pass a folder holding the four IDX files, or "
-            f"one of the names {', '.join(_REGISTRY)}"
+            f"one of the names {', '.join(list(_REGISTRY) + list(EVENT_SETS))}"
         )
     raise ConfigError(
-        f"unknown dataset {name_or_folder!r}; valid names: {', '.join(_REGISTRY)}, or a path to "
+        f"unknown dataset {name_or_folder!r}; valid names: "
+        f"{', '.join(list(_REGISTRY) + list(EVENT_SETS))}, or a path to "
         f"a folder holding the four IDX files"
     )
 
@@ -364,6 +373,15 @@ def list_datasets(data_dir=None) -> list[DatasetInfo]:
             folder = _locate(name, data_dir)
             rows.append(DatasetInfo(name, entry.description, folder is not None,
                                     None if folder is None else str(folder)))
+    from refsnn.data.eventsets import EVENT_SETS, locate_event_dataset
+
+    for name, ev_entry in EVENT_SETS.items():
+        folder = locate_event_dataset(name, data_dir)
+        if folder is None and name == "nmnist-synth":
+            rows.append(DatasetInfo(name, ev_entry.description, True, "(generated on first use)"))
+            continue
+        rows.append(DatasetInfo(name, ev_entry.description, folder is not None,
+                                None if folder is None else str(folder)))
     return rows
 
 
@@ -408,6 +426,8 @@ def subset(dataset: Dataset, n_train=None, n_test=None, rng=None) -> Dataset:
     Class counts follow :func:`stratified_counts`; the samples of a class are a uniform draw
     without replacement. The name is kept, so a checkpoint still names the dataset it came from.
     """
+    if getattr(dataset, "temporal", False):  # an EventDataset subsets its recordings
+        return dataset.subset(n_train, n_test, rng)
     if not isinstance(rng, np.random.Generator):
         rng = np.random.default_rng(rng)
     parts = {}
