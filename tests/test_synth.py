@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from refsnn.cli_data import data
 from refsnn.data import registry
-from refsnn.data.binning import saccade_offset
+from refsnn.data.binning import nmnist_stbp, nmnist_tsslbp, saccade_offset
 from refsnn.data.events import nmnist_tree, read_nmnist
 from refsnn.data.eventsets import EventDataset
 from refsnn.data.registry import list_datasets, load_dataset, subset
@@ -152,6 +152,14 @@ def test_written_tree_is_read_back_by_the_real_reader(tmp_path, digits):
     x = ds.frames("test", np.array([0, 2]), T=10)
     assert x.shape == (10, 2, 2, 34, 34) and x.dtype == np.float64 and set(np.unique(x)) <= {0, 1}
     assert ds.frames("train", [0], T=540, binning="hm2bp").shape == (540, 1, 2, 34, 34)
+    ev = ds.recording("train", 1)
+    np.testing.assert_array_equal(ds.frames("train", [1], T=30, binning="stbp:1000")[:, 0],
+                                  nmnist_stbp(ev, 30, 1000))
+    np.testing.assert_array_equal(ds.frames("train", [1], T=30, binning="tsslbp")[:, 0],
+                                  nmnist_tsslbp(ev, 30))
+    for bad in ("stbp:0", "stbp:x", "nope"):
+        with pytest.raises(ConfigError, match="unknown binning"):
+            ds.frames("train", [1], T=3, binning=bad)
     sub = subset(ds, 5, 3, rng=0)
     assert (sub.n_train, sub.n_test) == (5, 3) and isinstance(sub, EventDataset)
     with pytest.raises(ConfigError, match="event recordings"):

@@ -205,9 +205,10 @@ class EventDataset:
         """Input of a mini-batch, time-major: (T, B, *shape).
 
         index : int array, slice or boolean mask selecting recordings (None: all of them)
-        binning : None for the dataset's ``spec``; or, for N-MNIST-like sets, one of
+        binning : None (or "") for the dataset's ``spec``; or, for N-MNIST-like sets, one of
             NMNIST_BINNINGS ("hm2bp", "tsslbp", "stbp"): the spec's own binning with its bin
-            width and T steps (refsnn.data.binning).
+            width and T steps (refsnn.data.binning); "name:W" sets the bin width to W us
+            (e.g. "stbp:1000", the 1-ms bins of stbp's ``nmnist-mlp`` preset).
         """
         rec = self._split(split)
         idx = np.arange(len(rec))
@@ -217,16 +218,19 @@ class EventDataset:
         dt = np.dtype(dtype)
         if dt.kind != "f":
             raise ConfigError(f"frames are float32 or float64, got dtype {dt}")
-        if binning is None:
+        if not binning:
             return self.spec.batch([rec[int(i)] for i in idx], T, dt)
-        if binning not in NMNIST_BINNINGS:
+        name, _, window = str(binning).partition(":")
+        if name not in NMNIST_BINNINGS or (window and not window.isdigit()) or window == "0":
             raise ConfigError(f"unknown binning {binning!r}; valid: "
-                              f"{', '.join(NMNIST_BINNINGS)} (or None for the dataset's own)")
+                              f"{', '.join(NMNIST_BINNINGS)}, each optionally with ':<window in "
+                              f"us>' (e.g. 'stbp:1000'), or None for the dataset's own")
         if tuple(self.spec.sensor) != NMNIST_SENSOR:
             raise ConfigError(f"binning {binning!r} is the N-MNIST binning of its spec; dataset "
                               f"{self.name!r} is not N-MNIST-like")
-        fn = NMNIST_BINNINGS[binning]
-        out = np.stack([fn(rec[int(i)], T) for i in idx], axis=1)
+        fn = NMNIST_BINNINGS[name]
+        kw = {"window_us": int(window)} if window else {}
+        out = np.stack([fn(rec[int(i)], T, **kw) for i in idx], axis=1)
         return out.astype(dt)
 
     def x01(self, *args, **kwargs):
