@@ -212,3 +212,13 @@ def test_cli_synth_events_and_errors(tmp_path):
     res = CliRunner().invoke(data, ["synth-events", str(out), "--n-train", "3", "--n-test", "2"])
     assert res.exit_code == 2 and res.output.startswith("Error: ") and "Traceback" not in \
         res.output
+
+
+def test_default_arch_input_follows_the_event_set():
+    from refsnn.data.eventsets import arch_for_dataset
+    assert arch_for_dataset("784-400-10", "nmnist-synth") == "2312-400-10"
+    assert arch_for_dataset("28x28x1-15c5-a2-300-10", "nmnist") == "34x34x2-15c5-a2-300-10"
+    assert arch_for_dataset("784-400-10", "dvs-gesture") == "2048-400-10"
+    assert arch_for_dataset("784-128-20", "shd") == "700-128-20"
+    assert arch_for_dataset("28x28x1-15c5-a2-300-10", "shd") == "28x28x1-15c5-a2-300-10"
+    assert arch_for_dataset("784-400-10", "mnist10k") == "784-400-10"
