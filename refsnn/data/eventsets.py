@@ -54,14 +54,12 @@ class _EventEntry:
 
 EVENT_SETS = {
     "nmnist-synth": _EventEntry(
-        "N-MNIST-like recordings generated from mnist10k by refsnn's event-camera model "
-        "(8,000 / 2,000; made on first use)",
+        "N-MNIST-like events made from mnist10k by refsnn's camera model (8,000 / 2,000)",
         10, ("nmnist-synth",), FrameSpec(NMNIST_SENSOR, span_us=NMNIST_SPAN_US),
         "it is generated from mnist10k on first use, or by `refsnn data synth-events DIR`",
     ),
     "nmnist": _EventEntry(
-        "N-MNIST, MNIST seen by an ATIS camera in three saccades, 60,000 / 10,000 "
-        "(Orchard et al. 2015)",
+        "N-MNIST, MNIST seen by an ATIS camera, 60,000 / 10,000 (Orchard et al. 2015)",
         10, ("nmnist", "NMNIST", "N-MNIST"), FrameSpec(NMNIST_SENSOR, span_us=NMNIST_SPAN_US),
         "download Train.zip and Test.zip from the N-MNIST page (Mendeley Data "
         "10.17632/468j46mzdv.1, linked from garrickorchard.com/datasets/n-mnist), unzip both "
@@ -86,8 +84,7 @@ EVENT_SETS = {
         "./data/cifar10-dvs/ (see docs/events.md)",
     ),
     "shd": _EventEntry(
-        "Spiking Heidelberg Digits, spoken digits 0-9 in English and German through a "
-        "700-channel cochlea model (Cramer et al. 2022)",
+        "Spiking Heidelberg Digits, 20 spoken digits, 700 channels (Cramer et al. 2022)",
         20, ("shd", "SHD"), FrameSpec((SHD_UNITS,), span_us=1_400_000),
         "download shd_train.h5.gz and shd_test.h5.gz from the Zenke lab's SHD page "
         "(zenkelab.org/resources/spiking-heidelberg-datasets-shd), gunzip them into one "
