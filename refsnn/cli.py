@@ -181,6 +181,9 @@ def train(method, preset, data_dir, params, out, resume, quiet, **flags):
         raise ConfigError("give --method (stbp, hm2bp, tsslbp, spikebp or bpsta)")
     m = get_method(method)
     cfg = build_config(m, preset, flags, params, base=base)
+    if flags.get("arch") is None and base is None:      # an event set: the default arch's input
+        from .data.eventsets import arch_for_dataset     # token follows it (2312-..., 34x34x2-...)
+        cfg = cfg.merged({"arch": arch_for_dataset(cfg.arch, cfg.dataset)})
     out = Path(out) if out else _default_out(m.name, cfg.dataset)
     try:
         report = run_training(cfg, m.name, out, resume=resume, quiet=quiet, data_dir=data_dir)

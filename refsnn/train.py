@@ -218,6 +218,15 @@ def encode_batch(config: TrainConfig, x01, rng, dtype):
     return encode(config.encoding, x01, config.T, rng, dtype, **dict(config.encoding_kw))
 
 
+def batch_input(config: TrainConfig, ds, split: str, idx, rng, dtype):
+    """Network input (T, B, *shape) of samples ``idx``: an image set is encoded; an event set
+    (``ds.temporal``, refsnn/data/eventsets.py) bins its recordings into T frames instead."""
+    if getattr(ds, "temporal", False):
+        binning = getattr(config, "binning", "") or None      # None: the set's own binning
+        return ds.frames(split, idx, config.T, dtype, binning=binning)
+    return encode_batch(config, ds.x01(split, idx, dtype), rng, dtype)
+
+
 def evaluate(net, ds, config: TrainConfig, rng, split: str = "test", batch_size=None) -> float:
     """Accuracy of ``net`` on a split (inputs encoded as in training, drawn from ``rng``)."""
     y = ds.test_y if split == "test" else ds.train_y
@@ -226,7 +235,7 @@ def evaluate(net, ds, config: TrainConfig, rng, split: str = "test", batch_size=
     correct = 0
     for s in range(0, len(y), B):
         idx = np.arange(s, min(s + B, len(y)))
-        x = encode_batch(config, ds.x01(split, idx, dtype), rng, dtype)
+        x = batch_input(config, ds, split, idx, rng, dtype)
         correct += int(np.sum(net.predict(x) == y[idx]))
     return correct / len(y)
 
@@ -321,7 +330,7 @@ def train(config: TrainConfig, method: str, out_dir, *, resume: bool = False,
         for b, s in enumerate(range(0, n, B)):
             idx = order[s:s + B]
             labels = ds.train_y[idx]
-            x = encode_batch(config, ds.x01("train", idx, dtype), rng, dtype)
+            x = batch_input(config, ds, "train", idx, rng, dtype)
             target = net.make_target(labels, config.T)
             loss, grads, trace = net.loss_and_grads(x, target, train=True, rng=rng)
             _check_finite_loss(loss, e1, b + 1, lr, out)

@@ -222,3 +222,42 @@ def test_default_arch_input_follows_the_event_set():
     assert arch_for_dataset("784-128-20", "shd") == "700-128-20"
     assert arch_for_dataset("28x28x1-15c5-a2-300-10", "shd") == "28x28x1-15c5-a2-300-10"
     assert arch_for_dataset("784-400-10", "mnist10k") == "784-400-10"
+
+
+# ---- training on an event set through the CLI --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_synth(tmp_path_factory):
+    ds = load_dataset("mnist10k")
+    out = tmp_path_factory.mktemp("synth") / "set"
+    return write_nmnist_synth(out, (ds.train_x[:200], ds.train_y[:200]),
+                              (ds.test_x[:100], ds.test_y[:100]), seed=0)
+
+
+def _train(args):
+    from refsnn.cli import main
+    return CliRunner().invoke(main, ["train"] + args, catch_exceptions=False)
+
+
+def test_train_cli_bins_event_frames_and_adapts_the_default_arch(tmp_path, small_synth):
+    out = tmp_path / "run"
+    res = _train(["--method", "stbp", "--dataset", "nmnist-synth", "--data-dir",
+                  str(small_synth), "--epochs", "1", "--n-train", "20", "--n-test", "10",
+                  "--quiet", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((out / "config.json").read_text())["config"]
+    assert cfg["arch"] == "2312-400-10" and cfg["dataset"] == "nmnist-synth"
+    res = _train(["--method", "stbp", "--dataset", "nmnist-synth", "--data-dir",
+                  str(small_synth), "--arch", "784-400-10", "--epochs", "1", "--quiet",
+                  "--out", str(tmp_path / "bad")])
+    assert res.exit_code == 2 and "2312" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.slow
+def test_stbp_learns_nmnist_synth_well_above_chance(tmp_path, small_synth):
+    res = _train(["--method", "stbp", "--dataset", "nmnist-synth", "--data-dir",
+                  str(small_synth), "--epochs", "4", "--steps", "8", "--quiet",
+                  "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["test_acc"] >= 0.4, report["test_acc"]           # chance: 0.1
