@@ -336,6 +336,12 @@ def test_shd_missing_dataset_and_not_hdf5(tmp_path):
         h.create_dataset("spikes/times", data=np.zeros(1))
     with pytest.raises(DataError, match="'spikes/units'"):
         read_shd(f)
+    h = tmp_path / "scalar.h5"
+    with h5py.File(h, "w") as f5:
+        for key in ("spikes/times", "spikes/units", "labels"):
+            f5.create_dataset(key, data=1)
+    with pytest.raises(DataError, match="found scalars"):
+        read_shd(h)
     g = tmp_path / "text.h5"
     g.write_text("hello")
     with pytest.raises(DataError, match="not a readable HDF5"):

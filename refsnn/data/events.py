@@ -523,6 +523,9 @@ def read_shd(path, n_units: int = SHD_UNITS) -> tuple[list, np.ndarray]:
     except Exception as err:   # h5py reports corrupt files as OSError, KeyError, ValueError, ...
         raise DataError(f"{path}: not a readable HDF5 file ({type(err).__name__}: {err})") from None
     labels = np.asarray(labels)
+    if np.ndim(times) < 1 or np.ndim(units) < 1:
+        raise DataError(f"{path}: spikes/times and spikes/units must hold one row per sample, "
+                        f"found scalars")
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
         raise DataError(f"{path}: labels must be a 1-D integer dataset, found {labels.dtype} "
                         f"{labels.shape}")
