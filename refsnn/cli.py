@@ -18,9 +18,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import sys
 import time
 from pathlib import Path
+
+# Between parallel kernels numba's OpenMP threads spin-wait and starve OpenBLAS's threads on a
+# small machine; passive waiting measured 585 -> 400 ms per STBP training step (784-400-10, T 8,
+# batch 50, float64) on a busy 2-core machine. libgomp reads this when numba starts its thread
+# pool (the first parallel kernel), so setting it here is early enough. A user's setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 import click
 

@@ -165,3 +165,21 @@ def test_float32_run_trains_and_saves_float32(tmp_path):
     ck = load_checkpoint(tmp_path / "f" / "checkpoint.h5")
     assert ck.dtype == "float32"
     assert all(a.dtype == np.float32 for layer in ck.layers for a in layer["params"])
+
+
+def test_the_progress_bar_draws_only_on_a_terminal():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty, pipe = Tty(), io.StringIO()
+    for stream in (tty, pipe):
+        bar = T.Progress(stream, quiet=False, epochs=3)
+        bar.bar(2, 400, 800, t0=0.0, loss=0.25, acc=0.5, final=False)
+        bar.say("epoch 2/3 done")
+    assert "\repoch 2/3 [############............] 400/800" in tty.getvalue()
+    assert "samples/s" in tty.getvalue() and "acc 50.0%" in tty.getvalue()
+    assert pipe.getvalue() == "epoch 2/3 done\n"
+    silent = io.StringIO()
+    T.Progress(silent, quiet=True, epochs=3).say("x")
+    assert silent.getvalue() == ""
