@@ -262,14 +262,38 @@ class EventDataset:
 
 # ---- readers of whole sets -------------------------------------------------------------------
 
+_NMNIST_COMPACT = np.dtype([("x", "u1"), ("y", "u1"), ("p", "u1"), ("t", "<u4")])
+
+
+def _nmnist_recordings(files) -> _Recordings:
+    """N-MNIST files read straight into one compact array (sized from the file lengths), so the
+    peak memory is the set itself plus one recording."""
+    sizes = []
+    for f in files:
+        try:
+            sizes.append(f.stat().st_size // 5)
+        except OSError as err:
+            raise DataError(f"cannot read N-MNIST file {f}: {err.strerror or err}") from None
+    offsets = np.zeros(len(files) + 1, np.int64)
+    offsets[1:] = np.cumsum(sizes)
+    events = np.empty(int(offsets[-1]), _NMNIST_COMPACT)
+    for i, f in enumerate(files):
+        ev = read_nmnist(f)                     # validates: whole records, x and y < 34
+        if len(ev) != offsets[i + 1] - offsets[i]:
+            raise DataError(f"{f} changed while it was being read; read the set again")
+        seg = events[offsets[i]:offsets[i + 1]]
+        for name in _NMNIST_COMPACT.names:
+            seg[name] = ev[name]
+    return _Recordings(events, offsets)
+
+
 def load_nmnist_tree(name: str, root, spec: FrameSpec | None = None) -> EventDataset:
     """An EventDataset from an N-MNIST tree (Train/<digit>/<id>.bin, Test/...)."""
     root = Path(root)
     parts = {}
     for split in ("train", "test"):
         files = nmnist_tree(root, split)
-        recs = [read_nmnist(f) for f, _ in files]
-        parts[split] = (_Recordings.from_list(recs, audio=False),
+        parts[split] = (_nmnist_recordings([f for f, _ in files]),
                         np.array([lab for _, lab in files], np.int64))
     spec = spec or FrameSpec(NMNIST_SENSOR, span_us=NMNIST_SPAN_US)
     return EventDataset(name, *parts["train"], *parts["test"], 10, spec)
