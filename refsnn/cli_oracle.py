@@ -40,12 +40,17 @@ def _sizes(text):
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--arch", default="", help="fixed dense sizes n_0-n_1-...-n_L (default: random, 1-3 layers)")
 @click.option("--steps", "T", default=0, type=int, help="fixed T (default: random 2-10)")
+@click.option("--param", "param_flags", multiple=True, metavar="NAME=VALUE",
+              help="pin a parameter in every case (repeatable), e.g. --param variant=code")
 @click.argument("out", type=click.Path(dir_okay=False))
 @user_errors
-def export(method, cases, seed, arch, T, out):
+def export(method, cases, seed, arch, T, param_flags, out):
     """Write random cases of METHOD with refsnn's answers to OUT (HDF5)."""
+    from .cli import parse_param_flags
     from .conformance import export_cases
-    n = export_cases(method, out, n=cases, seed=seed, sizes=_sizes(arch), T=T or None)
+    from .methods import get_method
+    fixed = parse_param_flags(param_flags, get_method(method))
+    n = export_cases(method, out, n=cases, seed=seed, sizes=_sizes(arch), T=T or None, fixed=fixed)
     click.echo(f"wrote {n} {method} cases to {out}")
 
 

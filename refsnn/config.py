@@ -40,6 +40,7 @@ class TrainConfig:
     lr_gamma: float = 0.1            # step: factor applied at each milestone
     warmup_epochs: int = 0           # warmup_cosine
     encoding: str = "bernoulli"      # refsnn.encoding name
+    binning: str = ""                # event sets: refsnn.data.binning rule ("" = the set's default)
     encoding_kw: dict = field(default_factory=dict)   # its keywords (rate=, mean=, std=...)
     seed: int = 0
     dtype: str = "float64"

@@ -35,14 +35,23 @@ KIND = "refsnn-oracle"
 # writing
 # --------------------------------------------------------------------------------------------
 
-def export_cases(method: str, path, n: int = 20, seed: int = 0, sizes=None, T=None) -> int:
-    """Write ``n`` random cases of ``method`` (and run_case's answers) to ``path``, atomically."""
+def export_cases(method: str, path, n: int = 20, seed: int = 0, sizes=None, T=None,
+                 fixed: dict | None = None) -> int:
+    """Write ``n`` random cases of ``method`` (and run_case's answers) to ``path``, atomically.
+
+    ``fixed`` pins parameters (e.g. ``{"variant": "code"}``) over the randomly drawn switches.
+    """
     import h5py
     if n < 1:
         raise ConfigError(f"--cases {n} must be at least 1")
     m = get_method(method)
     rng = np.random.default_rng(seed)
     cases = [m.random_case(rng, sizes=sizes, T=T) for _ in range(n)]
+    pinned = m.Params.from_dict(fixed or {})
+    fixed = {k: getattr(pinned, k) for k in (fixed or {})}      # parsed and checked values
+    for case in cases:
+        case["params"] = {**case["params"], **(fixed or {})}
+        m.Params.from_dict(case["params"])          # a bad pinned value is a ConfigError here
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():

@@ -222,7 +222,7 @@ def batch_input(config: TrainConfig, ds, split: str, idx, rng, dtype):
     """Network input (T, B, *shape) of samples ``idx``: an image set is encoded; an event set
     (``ds.temporal``, refsnn/data/eventsets.py) bins its recordings into T frames instead."""
     if getattr(ds, "temporal", False):
-        binning = getattr(config, "binning", "") or None      # None: the set's own binning
+        binning = config.binning or None      # None: the set's own binning
         return ds.frames(split, idx, config.T, dtype, binning=binning)
     return encode_batch(config, ds.x01(split, idx, dtype), rng, dtype)
 
@@ -373,7 +373,7 @@ def train(config: TrainConfig, method: str, out_dir, *, resume: bool = False,
         with open(out / METRICS, "a") as fh:
             fh.write(json.dumps(to_jsonable(metrics)) + "\n")
         silent = [f"layer {r['layer']} silent" for r in layers if r.get("spike_rate", 1) == 0]
-        rates = "/".join(f"{r.get('spike_rate', float('nan')):.3f}" for r in layers)
+        rates = "/".join(f"{r['spike_rate']:.3f}" if "spike_rate" in r else "-" for r in layers)
         prog.say(f"epoch {e1}/{config.epochs}  lr {lr:.3g}  loss {metrics['loss']:.4g}  "
                  f"train {100 * metrics['train_acc']:.2f}%  test {100 * test_acc:.2f}%  "
                  f"spike rates {rates}  {n / train_s:,.0f} samples/s  {seconds:.1f} s"

@@ -103,3 +103,29 @@ def test_bad_files_give_one_line_errors(tmp_path, stbp_file):
         res = CliRunner().invoke(main, ["oracle", "check", str(path)])
         assert res.exit_code == 2 and res.output.strip().count("\n") == 0, res.output
         assert res.output.startswith("Error:")
+
+
+def test_pinned_parameters_hold_in_every_case(tmp_path):
+    out = tmp_path / "code.h5"
+    res = CliRunner().invoke(main, ["oracle", "export", "--method", "stbp", "--cases", "4",
+                                    "--param", "variant=sd", "--param", "v_th=0.8", str(out)])
+    assert res.exit_code == 0, res.output
+    _, cases = read_cases(out)
+    assert all(c.args["params"]["variant"] == "sd" and c.args["params"]["v_th"] == 0.8
+               for c in cases)
+    res = CliRunner().invoke(main, ["oracle", "export", "--method", "stbp", "--param",
+                                    "variant=nope", str(tmp_path / "x.h5")])
+    assert res.exit_code == 2 and "variant='nope' is not valid" in res.output
+
+
+def test_plain_pytorch_stbp_agrees_with_the_oracle(tmp_path):
+    pytest.importorskip("torch")
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from examples.torch_stbp import run_case as torch_run_case
+    out = tmp_path / "stbp.h5"
+    export_cases("stbp", out, n=40, seed=7, fixed={"variant": "code"})
+    comp = compare_impl(out, torch_run_case)
+    assert comp.passed(1e-12), comp.table(1e-12)
+    assert comp.stats["grads"].cases == 40
