@@ -68,7 +68,7 @@ FLAG_FIELDS = {
     "lr": "lr", "optimizer": "optimizer", "steps": "T", "seed": "seed", "dtype": "dtype",
     "encoding": "encoding", "lr_schedule": "lr_schedule", "momentum": "momentum",
     "weight_decay": "weight_decay", "grad_clip": "grad_clip_norm", "n_train": "n_train",
-    "n_test": "n_test", "init": "init",
+    "n_test": "n_test", "init": "init", "binning": "binning",
 }
 
 
@@ -152,6 +152,7 @@ def _default_out(method: str, dataset: str) -> Path:
 @click.option("--seed", type=int)
 @click.option("--dtype", help="float64 (default) or float32.")
 @click.option("--encoding", help="bernoulli, poisson or direct.")
+@click.option("--binning", help="event sets: a binning rule of refsnn.data.binning (e.g. stbp:1000).")
 @click.option("--lr-schedule", help="constant, step, inv_sqrt or warmup_cosine.")
 @click.option("--momentum", type=float, help="sgd momentum.")
 @click.option("--weight-decay", type=float)
