@@ -1,13 +1,20 @@
 """Linear maps shared by every method: Dense, Conv2d, AvgPool2d, Flatten.
 
-A layer knows nothing of time or neurons: it maps a time-major batch (T, B, *in_shape) to
-(T, B, *out_shape) on all T·B rows at once, and its backward is exact (the adjoint for the input,
-the weight and bias gradients summed over T and B). Parameters are arrays held by the layer and
-updated in place by the optimizers. The output dtype is the input's; weights are used in the
-dtype they are stored in (a float32 network stores float32 weights).
+A layer knows nothing of time or neurons. It maps a time-major batch (T, B, *in_shape) to
+(T, B, *out_shape) on all T·B rows at once, and its backward is exact: the adjoint for the input,
+and the weight and bias gradients summed over T and B.
 
-Equations: dense S1/S15, conv S17, average pooling S18 (tags of spec/stbp.md; the other methods'
-specs use the same maps).
+Parameters are the arrays in ``layer.params`` (names in ``layer.param_names``); optimizers update
+them in place, and ``layer.W`` / ``layer.b`` read the same arrays.
+
+Precision: a call runs in the dtype of its input x (float64 or float32); the output, the input
+gradient and the parameter gradients come in that dtype. The weights are used as stored when they
+have x's dtype (a float32 network stores float32 weights, so nothing is copied); otherwise a cast
+copy of them is made for the call. float32 input is never upcast to float64. Other dtypes raise
+ShapeError.
+
+Equations (tags of spec/stbp.md; the other specs use the same maps): dense S1/S15, conv S17,
+average pooling S18, flatten 5.7.
 """
 
 from __future__ import annotations
@@ -15,16 +22,47 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import ShapeError
-from .kernels.conv import col2im, im2col
+from .kernels.conv import conv_forward, conv_input_grad, conv_weight_grad
+from .kernels.pool import avgpool_backward, avgpool_forward
 
-#: rows of im2col processed at once, so that a batch never needs more than ~64 MB of columns
-_COLS_BYTES = 64 * 2 ** 20
+_FLOATS = (np.dtype(np.float64), np.dtype(np.float32))
+_TIME_MAJOR = ("arrays are time-major (T, B, ...): for a single step pass x[None], for one sample "
+               "x[:, None], for a batch-major (B, T, ...) array np.swapaxes(x, 0, 1)")
+
+
+def _shape_str(shape) -> str:
+    return "x".join(str(v) for v in shape)
+
+
+def _pos_int(what: str, v, low: int) -> int:
+    """v as an int >= low, or a ShapeError naming ``what``."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < low:
+        raise ShapeError(f"{what} must be an integer >= {low}, got {v!r}")
+    return int(v)
+
+
+def _param(what: str, a, ndim: int, hint: str) -> np.ndarray:
+    """A weight or bias array: ndarray of float64/float32 with ``ndim`` axes, else ShapeError."""
+    if not isinstance(a, np.ndarray):
+        raise ShapeError(f"{what} must be a numpy array, got {type(a).__name__}; "
+                         f"pass np.asarray(...) of shape {hint}")
+    if a.ndim != ndim:
+        raise ShapeError(f"{what} has shape {a.shape}; expected {hint}")
+    if a.dtype not in _FLOATS:
+        raise ShapeError(f"{what} has dtype {a.dtype}; layers hold float64 or float32 "
+                         f"parameters: pass {what.split()[-1]}.astype(np.float64)")
+    return a
 
 
 class Layer:
-    """Base class: see the module docstring for the contract."""
+    """Base class of the linear maps. Subclasses set kind, in_shape, out_shape, params, param_names.
 
-    kind = ""
+    forward(x): x (T, B, *in_shape) -> (T, B, *out_shape), same dtype as x.
+    backward(g, x, need_input_grad=True): g = dL/d(output) (T, B, *out_shape), x = the forward
+    input -> (g_x or None, [dL/dparam for each param]), parameter gradients summed over T and B.
+    """
+
+    kind: str = ""
     in_shape: tuple = ()
     out_shape: tuple = ()
 
@@ -33,14 +71,38 @@ class Layer:
         self.param_names: list = []
 
     def describe(self) -> str:
-        return f"{self.kind} {self.in_shape} -> {self.out_shape}"
+        return f"{self.kind} {_shape_str(self.in_shape)} -> {_shape_str(self.out_shape)}"
 
     def _rows(self, x, shape, what="input"):
-        """(T, B, *shape) -> (T·B, *shape), with a message that says what was expected."""
-        if x.ndim != 2 + len(shape) or tuple(x.shape[2:]) != tuple(shape):
-            raise ShapeError(f"{self.describe()}: {what} has shape {x.shape}, expected "
-                             f"(T, B, {', '.join(map(str, shape))}); arrays are time-major")
-        return x.reshape((-1,) + tuple(shape))
+        """(T, B, *shape) -> (T·B, *shape) view (or copy), with a ShapeError saying what was
+        expected when x does not fit."""
+        if not isinstance(x, np.ndarray):
+            raise ShapeError(f"{self.describe()}: {what} must be a numpy array, got "
+                             f"{type(x).__name__}")
+        shape = tuple(shape)
+        if x.ndim != 2 + len(shape) or tuple(x.shape[2:]) != shape:
+            want = ", ".join(["T", "B"] + [str(v) for v in shape])
+            raise ShapeError(f"{self.describe()}: {what} has shape {x.shape}, expected ({want}); "
+                             f"{_TIME_MAJOR}")
+        if x.dtype not in _FLOATS:
+            raise ShapeError(f"{self.describe()}: {what} has dtype {x.dtype}; layers run in "
+                             f"float64 or float32: pass x.astype(np.float64)")
+        return x.reshape((-1,) + shape)
+
+    def _backward_rows(self, g, x, need_x=False):
+        """g and x as rows in one dtype (x's, else g's), checking that their T and B agree."""
+        gs = self._rows(g, self.out_shape, "gradient g")
+        if x is None:
+            if need_x:
+                raise ShapeError(f"{self.describe()}: backward needs the forward input x for the "
+                                 "weight gradient; pass backward(g, x)")
+            return gs, None
+        xs = self._rows(x, self.in_shape, "forward input x")
+        if g.shape[:2] != x.shape[:2]:
+            raise ShapeError(f"{self.describe()}: gradient g has (T, B) = {g.shape[:2]} but the "
+                             f"forward input x has {x.shape[:2]}; pass the x this layer's "
+                             "forward read")
+        return gs.astype(x.dtype, copy=False), xs
 
     def forward(self, x):
         raise NotImplementedError
@@ -50,190 +112,218 @@ class Layer:
 
 
 class Dense(Layer):
-    """S1: I = x W^T + b, W of shape (n_out, n_in); S15: dW = Σ g^T x, db = Σ g, g_x = g W."""
+    """S1 (current of a dense layer) and its adjoint S15, one GEMM each on all T·B rows.
+
+    forward:  I = x Wᵀ + b                 W (n_out, n_in), W[i, j] from pre j to post i
+    backward: g_x = g W,  dW = Σ_{t,b} gᵀ x,  db = Σ_{t,b} g
+    """
 
     kind = "dense"
 
     def __init__(self, W, b=None):
         super().__init__()
-        if W.ndim != 2:
-            raise ShapeError(f"dense weights must be (n_out, n_in), got shape {W.shape}")
-        if b is not None and b.shape != (W.shape[0],):
-            raise ShapeError(f"dense bias must have shape ({W.shape[0]},), got {b.shape}")
-        self.W, self.b = W, b
-        self.params = [W] + ([b] if b is not None else [])
-        self.param_names = ["W"] + (["b"] if b is not None else [])
+        W = _param("dense weight W", W, 2, "(n_out, n_in)")
+        if b is not None:
+            b = _param("dense bias b", b, 1, f"({W.shape[0]},) = (n_out,)")
+            if b.shape != (W.shape[0],) or b.dtype != W.dtype:
+                raise ShapeError(f"dense bias b has shape {b.shape} and dtype {b.dtype}; W "
+                                 f"{W.shape} {W.dtype} needs b of shape ({W.shape[0]},) and "
+                                 "the same dtype")
+        if min(W.shape) < 1:
+            raise ShapeError(f"dense weight W has shape {W.shape}; both sizes must be >= 1")
+        self.params = [W] if b is None else [W, b]
+        self.param_names = ["W"] if b is None else ["W", "b"]
         self.in_shape, self.out_shape = (W.shape[1],), (W.shape[0],)
 
+    @property
+    def W(self):
+        return self.params[0]
+
+    @property
+    def b(self):
+        return self.params[1] if len(self.params) > 1 else None
+
     def describe(self):
-        return f"dense {self.W.shape[1]}->{self.W.shape[0]}"
+        return f"dense {self.in_shape[0]}->{self.out_shape[0]}"
 
     def forward(self, x):
-        T, B = x.shape[:2]
-        I = self._rows(x, self.in_shape) @ self.W.T
+        xs = self._rows(x, self.in_shape)
+        I = xs @ self.W.astype(x.dtype, copy=False).T                 # S1: W o[t]
         if self.b is not None:
-            I += self.b
-        return I.reshape(T, B, -1)
+            I += self.b.astype(x.dtype, copy=False)                   # + b
+        return I.reshape(x.shape[:2] + self.out_shape)
 
     def backward(self, g, x, need_input_grad=True):
-        T, B = g.shape[:2]
-        g2 = self._rows(g, self.out_shape, "gradient")
-        x2 = self._rows(x, self.in_shape)
-        grads = [g2.T @ x2]
+        gs, xs = self._backward_rows(g, x, need_x=True)
+        grads = [gs.T @ xs]                                           # S15: Σ e oᵀ
         if self.b is not None:
-            grads.append(g2.sum(axis=0))
-        gx = (g2 @ self.W).reshape(T, B, -1) if need_input_grad else None
+            grads.append(gs.sum(axis=0))                              # S15: Σ e
+        gx = None
+        if need_input_grad:
+            gx = (gs @ self.W.astype(xs.dtype, copy=False)).reshape(x.shape)   # Wᵀ e
         return gx, grads
 
 
 class Conv2d(Layer):
-    """S17: cross-correlation with zero padding; W (C_out, C_in, k, k), b (C_out,).
+    """S17: cross-correlation (PyTorch Conv2d), zero padding p, stride s; W (C_out, C_in, k, k).
 
-    I[c, y, x] = b[c] + Σ_{c', i, j} W[c, c', i, j] · x[c', s·y + i - p, s·x + j - p], computed
-    as im2col + one GEMM per chunk of rows; output (C_out, H', W') with H' = (H + 2p - k)//s + 1.
+    I[c, y, x] = b[c] + Σ_{c', i, j} W[c, c', i, j] · x[c', s·y + i - p, s·x + j - p]
+    in_shape (C_in, H, W), out_shape (C_out, H', W') with H' = (H + 2p - k)//s + 1 (W' likewise).
+    Kernels in refsnn/kernels/conv.py (per-sample window matrix + GEMM, chosen by measurement).
     """
 
     kind = "conv"
 
     def __init__(self, W, b=None, in_hw=(28, 28), stride=1, padding=0):
         super().__init__()
-        if W.ndim != 4 or W.shape[2] != W.shape[3]:
-            raise ShapeError(f"conv weights must be (C_out, C_in, k, k), got shape {W.shape}")
-        if b is not None and b.shape != (W.shape[0],):
-            raise ShapeError(f"conv bias must have shape ({W.shape[0]},), got {b.shape}")
-        H, Wd = (int(v) for v in in_hw)
-        self.k, self.stride, self.padding = int(W.shape[2]), int(stride), int(padding)
-        if self.stride < 1 or self.padding < 0:
-            raise ShapeError(f"conv stride must be >= 1 and padding >= 0, got {stride}, {padding}")
+        W = _param("conv weight W", W, 4, "(C_out, C_in, k, k)")
+        if W.shape[2] != W.shape[3] or min(W.shape) < 1:
+            raise ShapeError(f"conv weight W has shape {W.shape}; expected (C_out, C_in, k, k) "
+                             "with a square k x k kernel and every size >= 1")
+        if b is not None:
+            b = _param("conv bias b", b, 1, f"({W.shape[0]},) = (C_out,)")
+            if b.shape != (W.shape[0],) or b.dtype != W.dtype:
+                raise ShapeError(f"conv bias b has shape {b.shape} and dtype {b.dtype}; W "
+                                 f"{W.shape} {W.dtype} needs b of shape ({W.shape[0]},) and "
+                                 "the same dtype")
+        try:
+            H, Wd = in_hw
+        except (TypeError, ValueError):
+            raise ShapeError(f"conv in_hw must be (H, W), got {in_hw!r}") from None
+        H, Wd = _pos_int("conv input height H", H, 1), _pos_int("conv input width W", Wd, 1)
+        self.k = int(W.shape[2])
+        self.stride = _pos_int("conv stride", stride, 1)
+        self.padding = _pos_int("conv padding", padding, 0)
+        if H + 2 * self.padding < self.k or Wd + 2 * self.padding < self.k:
+            raise ShapeError(f"a {self.k}x{self.k} kernel with padding {self.padding} does not "
+                             f"fit a {H}x{Wd} input; use a smaller kernel or more padding")
         Ho = (H + 2 * self.padding - self.k) // self.stride + 1
         Wo = (Wd + 2 * self.padding - self.k) // self.stride + 1
-        if Ho < 1 or Wo < 1:
-            raise ShapeError(f"a {self.k}x{self.k} kernel (padding {padding}) does not fit a "
-                             f"{H}x{Wd} input")
-        self.W, self.b = W, b
-        self.params = [W] + ([b] if b is not None else [])
-        self.param_names = ["W"] + (["b"] if b is not None else [])
-        self.in_shape = (W.shape[1], H, Wd)
-        self.out_shape = (W.shape[0], Ho, Wo)
+        self.params = [W] if b is None else [W, b]
+        self.param_names = ["W"] if b is None else ["W", "b"]
+        self.in_shape = (int(W.shape[1]), H, Wd)
+        self.out_shape = (int(W.shape[0]), Ho, Wo)
+
+    @property
+    def W(self):
+        return self.params[0]
+
+    @property
+    def b(self):
+        return self.params[1] if len(self.params) > 1 else None
 
     def describe(self):
-        C, H, W = self.in_shape
-        Co, Ho, Wo = self.out_shape
-        return (f"conv {C}x{H}x{W} -> {Co}c{self.k} s{self.stride} p{self.padding} -> "
-                f"{Co}x{Ho}x{Wo}")
+        return (f"conv {_shape_str(self.in_shape)} -> {self.out_shape[0]}c{self.k} "
+                f"s{self.stride} p{self.padding} -> {_shape_str(self.out_shape)}")
 
-    def _chunks(self, n):
-        row = int(np.prod(self.out_shape[1:])) * int(np.prod(self.W.shape[1:])) * self.W.itemsize
-        step = max(1, _COLS_BYTES // max(row, 1))
-        return [(a, min(a + step, n)) for a in range(0, n, step)]
+    def _Wm(self, dtype):
+        """W as (C_out, C_in·k·k), contiguous, in ``dtype``."""
+        return np.ascontiguousarray(self.W.reshape(self.out_shape[0], -1), dtype=dtype)
 
     def forward(self, x):
-        T, B = x.shape[:2]
-        xs = self._rows(x, self.in_shape)
-        Co, Ho, Wo = self.out_shape
-        Wm = self.W.reshape(Co, -1)
-        out = np.empty((xs.shape[0], Co, Ho, Wo), dtype=np.result_type(x.dtype, self.W.dtype))
-        for a, z in self._chunks(xs.shape[0]):
-            cols = im2col(np.ascontiguousarray(xs[a:z]), self.k, self.stride, self.padding, Ho, Wo)
-            I = cols.reshape(-1, Wm.shape[1]) @ Wm.T                  # (n·Ho·Wo, C_out)
-            out[a:z] = I.reshape(z - a, Ho, Wo, Co).transpose(0, 3, 1, 2)
-        if self.b is not None:
-            out += self.b[:, None, None]
-        return out.reshape((T, B) + self.out_shape)
+        xs = np.ascontiguousarray(self._rows(x, self.in_shape))
+        b = (np.zeros(0, x.dtype) if self.b is None
+             else np.ascontiguousarray(self.b, dtype=x.dtype))
+        I = conv_forward(xs, self._Wm(x.dtype), b, self.k, self.stride, self.padding,
+                         self.out_shape[1], self.out_shape[2])
+        return I.reshape(x.shape[:2] + self.out_shape)
 
     def backward(self, g, x, need_input_grad=True):
-        T, B = g.shape[:2]
-        gs = self._rows(g, self.out_shape, "gradient")
-        xs = self._rows(x, self.in_shape)
-        Co, Ho, Wo = self.out_shape
-        C, H, W = self.in_shape
-        Wm = self.W.reshape(Co, -1)
-        dW = np.zeros_like(Wm, dtype=np.result_type(g.dtype, self.W.dtype))
-        gx = np.empty(xs.shape, dtype=g.dtype) if need_input_grad else None
-        for a, z in self._chunks(xs.shape[0]):
-            gm = gs[a:z].transpose(0, 2, 3, 1).reshape(-1, Co)        # (n·Ho·Wo, C_out)
-            cols = im2col(np.ascontiguousarray(xs[a:z]), self.k, self.stride, self.padding, Ho, Wo)
-            dW += gm.T @ cols.reshape(-1, Wm.shape[1])
-            if need_input_grad:
-                gcols = (gm @ Wm).reshape(z - a, Ho, Wo, -1)
-                gx[a:z] = col2im(gcols, C, H, W, self.k, self.stride, self.padding)
+        gs, xs = self._backward_rows(g, x, need_x=True)
+        gs, xs = np.ascontiguousarray(gs), np.ascontiguousarray(xs)
+        dW = conv_weight_grad(gs, xs, self.k, self.stride, self.padding)
         grads = [dW.reshape(self.W.shape)]
         if self.b is not None:
-            grads.append(gs.sum(axis=(0, 2, 3)))
-        return (gx.reshape(x.shape) if need_input_grad else None), grads
+            grads.append(gs.sum(axis=(0, 2, 3)))                     # Σ_{t,b,y,x} e[c]
+        gx = None
+        if need_input_grad:
+            C, H, Wd = self.in_shape
+            gx = conv_input_grad(gs, self._Wm(xs.dtype), C, H, Wd, self.k, self.stride,
+                                 self.padding).reshape(x.shape)
+        return gx, grads
 
 
 class AvgPool2d(Layer):
     """S18: mean over k×k windows, stride k, no padding, floor; no parameters.
 
-    Backward (exact): each input of a window gets g/k²; an odd last row or column gets 0.
+    out_shape (C, H // k, W // k). Backward (exact): each input of a window gets g / k²; an odd
+    last row or column (read by no window) gets 0. Kernels in refsnn/kernels/pool.py.
     """
 
     kind = "avgpool"
 
-    def __init__(self, in_shape, k=2):
+    def __init__(self, in_shape=(1, 28, 28), k=2):
         super().__init__()
-        C, H, W = (int(v) for v in in_shape)
-        self.k = int(k)
-        if self.k < 1 or H < self.k or W < self.k:
-            raise ShapeError(f"a{k} pooling does not fit a {H}x{W} map")
+        try:
+            C, H, W = in_shape
+        except (TypeError, ValueError):
+            raise ShapeError(f"average pooling reads (C, H, W) maps, got in_shape {in_shape!r}") \
+                from None
+        C, H, W = (_pos_int(f"pooling in_shape {n}", v, 1) for n, v in zip("CHW", (C, H, W)))
+        self.k = _pos_int("pooling window k", k, 1)
+        if H < self.k or W < self.k:
+            raise ShapeError(f"a {self.k}x{self.k} pooling window does not fit the {H}x{W} map; "
+                             "use a window no larger than the map")
         self.in_shape, self.out_shape = (C, H, W), (C, H // self.k, W // self.k)
 
     def describe(self):
-        return f"avgpool{self.k} {'x'.join(map(str, self.in_shape))} -> {'x'.join(map(str, self.out_shape))}"
+        return f"avgpool{self.k} {_shape_str(self.in_shape)} -> {_shape_str(self.out_shape)}"
 
     def forward(self, x):
-        T, B = x.shape[:2]
-        xs = self._rows(x, self.in_shape)
-        C, Ho, Wo = self.out_shape
-        k = self.k
-        win = xs[:, :, :Ho * k, :Wo * k].reshape(-1, C, Ho, k, Wo, k)
-        return win.mean(axis=(3, 5)).reshape((T, B) + self.out_shape)
+        xs = np.ascontiguousarray(self._rows(x, self.in_shape))
+        return avgpool_forward(xs, self.k).reshape(x.shape[:2] + self.out_shape)
 
-    def backward(self, g, x, need_input_grad=True):
+    def backward(self, g, x=None, need_input_grad=True):
+        gs, _ = self._backward_rows(g, x)
         if not need_input_grad:
             return None, []
-        T, B = g.shape[:2]
-        gs = self._rows(g, self.out_shape, "gradient")
-        C, Ho, Wo = self.out_shape
-        k = self.k
-        gx = np.zeros((gs.shape[0],) + self.in_shape, dtype=g.dtype)
-        gx[:, :, :Ho * k, :Wo * k] = np.repeat(np.repeat(gs, k, axis=2), k, axis=3) / (k * k)
-        return gx.reshape((T, B) + self.in_shape), []
+        gx = avgpool_backward(np.ascontiguousarray(gs), self.k, self.in_shape[1],
+                              self.in_shape[2])
+        return gx.reshape(g.shape[:2] + self.in_shape), []
 
 
 class Flatten(Layer):
-    """C-order flatten over (c, y, x): index = c·H·W + y·W + x; backward is the inverse reshape."""
+    """C-order flatten of (C, H, W) (or any per-sample shape): index = c·H·W + y·W + x (spec
+    stbp 5.7). Backward is the inverse reshape. The output is a view of x where x allows it."""
 
     kind = "flatten"
 
     def __init__(self, in_shape):
         super().__init__()
-        self.in_shape = tuple(int(v) for v in in_shape)
+        try:
+            shape = tuple(in_shape)
+        except TypeError:
+            raise ShapeError(f"flatten in_shape must be a tuple of sizes, got {in_shape!r}") \
+                from None
+        if not shape:
+            raise ShapeError("flatten in_shape must have at least one axis, got ()")
+        self.in_shape = tuple(_pos_int("flatten in_shape entry", v, 1) for v in shape)
         self.out_shape = (int(np.prod(self.in_shape)),)
 
     def describe(self):
-        return f"flatten {'x'.join(map(str, self.in_shape))} -> {self.out_shape[0]}"
+        return f"flatten {_shape_str(self.in_shape)} -> {self.out_shape[0]}"
 
     def forward(self, x):
-        T, B = x.shape[:2]
-        return self._rows(x, self.in_shape).reshape(T, B, -1)
+        return self._rows(x, self.in_shape).reshape(x.shape[:2] + self.out_shape)
 
-    def backward(self, g, x, need_input_grad=True):
+    def backward(self, g, x=None, need_input_grad=True):
+        gs, _ = self._backward_rows(g, x)
         if not need_input_grad:
             return None, []
-        T, B = g.shape[:2]
-        return self._rows(g, self.out_shape, "gradient").reshape((T, B) + self.in_shape), []
+        return gs.reshape(g.shape[:2] + self.in_shape), []
 
 
 def init_torch(fan_in, shape, rng, dtype=np.float64):
-    """PyTorch's default init of Linear/Conv2d weights and biases: U(-1/√fan_in, 1/√fan_in)."""
-    bound = 1.0 / np.sqrt(max(int(fan_in), 1))
+    """PyTorch's default init of Linear/Conv2d weights and biases (stbp spec 7): each entry
+    independently U(-1/√fan_in, 1/√fan_in), fan_in = n_in (dense) or C_in·k·k (conv)."""
+    fan_in = _pos_int("init_torch fan_in", fan_in, 1)
+    bound = 1.0 / np.sqrt(fan_in)
     return rng.uniform(-bound, bound, size=shape).astype(dtype)
 
 
 def init_rownorm(shape, rng, dtype=np.float64):
-    """stbp S23: W ~ U[-1, 1], then each row (a conv output channel's C_in·k·k weights) / its L2 norm."""
+    """stbp S23: W ~ U[-1, 1], then each row divided by its L2 norm; for a conv weight a row is
+    one output channel's C_in·k·k weights (refsnn choice, spec 7)."""
     W = rng.uniform(-1.0, 1.0, size=shape)
     rows = W.reshape(shape[0], -1)
     rows /= np.linalg.norm(rows, axis=1, keepdims=True)
