@@ -262,7 +262,7 @@ def test_6_2_dense_piecewise_surrogates_away_from_kinks_match_finite_differences
     assert rep.passed, rep
 
 
-@settings(max_examples=20, **FAST)
+@settings(max_examples=15, **FAST)
 @given(case=conv_case(relax=True))
 def test_6_2_conv_pool_networks_match_finite_differences(case):
     net, x, labels = case

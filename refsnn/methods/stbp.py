@@ -629,6 +629,16 @@ class STBP(Method):
 # 8. Spec 6.2: the functions whose exact gradients the variants are (finite-difference checks)
 # --------------------------------------------------------------------------------------------
 
+@njit(cache=True)
+def relaxed_spikes(x, kind, a):
+    """o = H_k(x) elementwise (the relaxed S4) for the tangent models below."""
+    o = np.empty_like(x)
+    flat_x, flat_o = x.reshape(-1), o.reshape(-1)
+    for n in range(flat_x.size):
+        flat_o[n] = surrogate_H(flat_x[n], kind, a)
+    return o
+
+
 def tangent_loss(p, layers, x, target, ref: Trace) -> float:
     """F(W, b) of spec 6.2 for ``p.variant``/``p.reset_grad``, on the relaxed forward (relax=True).
 
@@ -651,7 +661,6 @@ def tangent_loss(p, layers, x, target, ref: Trace) -> float:
     def f(o):                                                             # S3, elementwise
         return tau * np.exp(-o / tau) if p.reset_form == "exp" else tau * (1.0 - o)
 
-    H = np.vectorize(lambda v: surrogate_H(v, kind, a))
     masks = ref.extra.get("dropout_masks", {})
     spiking = [li for li, s in enumerate(ref.states) if s is not None]
     n = len(spiking)
@@ -687,7 +696,7 @@ def tangent_loss(p, layers, x, target, ref: Trace) -> float:
                 fac = f(o_prev) if p.reset_grad else f(o_ref_prev)
                 u[t] = fac * uA_prev + I[t]                                # u_B, fires
                 uA_prev = f(o_ref_prev) * uA_prev + I_A[t]                 # u_A, carried
-            o[t] = H(u[t] - v_th)
+            o[t] = relaxed_spikes(np.ascontiguousarray(u[t] - v_th), kind, a)
             u_prev, o_prev = u[t], o[t]
             o_ref_prev, u_ref_prev = o_ref[t], u_ref[t]
         h = o.reshape((T, B) + tuple(layer.out_shape))
