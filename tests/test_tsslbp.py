@@ -586,15 +586,15 @@ def test_dropout_masks_are_per_unit_fixed_over_time_scaled_and_off_at_test():
     x = np.random.default_rng(1).uniform(0, 2, (5, 64, 1, 8, 8))
     tr = net.forward(x, train=True, rng=np.random.default_rng(2))
     masks = tr.extra["dropout_masks"]
-    assert masks[0] is None and masks[1] is None            # first spiking layer, flatten
-    for mk in masks[2:]:
-        assert mk.shape[0] == 64 and set(np.unique(mk)) <= {0.0, 1 / 0.6}
+    assert sorted(masks) == [2, 3, 4]                       # not the first spiking layer, flatten
+    for mk in masks.values():
+        assert mk.shape[:2] == (1, 64) and set(np.unique(mk)) <= {0.0, 1 / 0.6}
         assert 0.25 < np.mean(mk == 0) < 0.55
     conv_psp = tr.states[0].out.reshape(5, 64, -1)          # flattened (c, y, x), then masked
-    np.testing.assert_array_equal(tr.inputs[2], conv_psp * masks[2][None])
-    np.testing.assert_array_equal(tr.inputs[3], tr.states[2].out * masks[3][None])
+    np.testing.assert_array_equal(tr.inputs[2], conv_psp * masks[2])
+    np.testing.assert_array_equal(tr.inputs[3], tr.states[2].out * masks[3])
     test = net.forward(x)
-    assert all(mk is None for mk in test.extra["dropout_masks"])
+    assert "dropout_masks" not in test.extra
 
 
 # ---------------------------------------------------------------------------------------------

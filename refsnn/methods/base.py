@@ -298,17 +298,31 @@ class Method:
     def has_neurons(self, layer) -> bool:
         return layer.kind in ("dense", "conv") or (self.spiking_pool and layer.kind.endswith("pool"))
 
-    def forward(self, p, layers, x, *, train: bool = False, rng=None) -> Trace:
+    def input_mask(self, p, li: int, k: int, n_spiking: int, layer, h, rng):
+        """Dropout: the scaled mask (broadcastable to h) on the input of layer ``li`` in
+        training, or None. ``k`` is the index the next spiking layer will have. Default: none."""
+        return None
+
+    def forward(self, p, layers, x, *, train: bool = False, rng=None, masks=None) -> Trace:
         """Run the chain: I_l = layer_l(x_{l-1}) on all T*B rows, then the neuron recursion.
 
-        ``train`` and ``rng`` are for methods with random training-time pieces (dropout masks);
-        the default chain has none.
+        In training (``train``) the method's :meth:`input_mask` may draw a dropout mask for the
+        input of a layer from ``rng``; ``masks`` ({layer index: mask}) replays given masks
+        instead (the finite-difference checks). Masks used are kept in
+        ``trace.extra["dropout_masks"]`` and applied again, as adjoints, by :meth:`backward`.
         """
         T, B = x.shape[:2]
         n_spiking = sum(self.has_neurons(layer) for layer in layers)
         h = self.encode_input(p, x)
         inputs, states, k = [], [], 0
+        used = dict(masks or {})
         for li, layer in enumerate(layers):
+            if masks is None and train:
+                m = self.input_mask(p, li, k, n_spiking, layer, h, rng)
+                if m is not None:
+                    used[li] = m
+            if li in used:
+                h = h * used[li]
             inputs.append(h)
             I = layer.forward(h)
             if self.has_neurons(layer):
@@ -320,12 +334,16 @@ class Method:
             else:
                 states.append(None)
                 h = I
-        return Trace(inputs=inputs, states=states, out=h)
+        trace = Trace(inputs=inputs, states=states, out=h)
+        if used:
+            trace.extra["dropout_masks"] = used
+        return trace
 
     def backward(self, p, layers, trace: Trace, target) -> list:
         """Loss and gradients of every layer parameter, in layer order (a list per layer)."""
         T, B = trace.inputs[0].shape[:2]
         n_spiking = sum(self.has_neurons(layer) for layer in layers)
+        masks = trace.extra.get("dropout_masks", {})
         loss, g = self.loss(p, trace.states[-1], target)
         trace.loss = loss
         grads = [None] * len(layers)
@@ -341,11 +359,15 @@ class Method:
                 for key, value in (res[2] if len(res) > 2 else {}).items():
                     trace.extra.setdefault(key, [None] * n_spiking)[k] = value
                 shape = (T, B) + tuple(layer.out_shape)
-                g_x, grads[li] = self.layer_backward(layer, e_w.reshape(shape),
+                same = e_w is e_down                                    # one adjoint pass
+                e_w = e_w.reshape(shape)
+                g_x, grads[li] = self.layer_backward(layer, e_w, e_w if same else
                                                      e_down.reshape(shape), trace.inputs[li],
                                                      need_down)
             else:
                 g_x, grads[li] = layer.backward(g, trace.inputs[li], need_input_grad=need_down)
+            if li in masks and g_x is not None:
+                g_x = g_x * masks[li]                                   # dropout adjoint
             g = g_x
         return grads
 
@@ -392,7 +414,8 @@ class Method:
             if name != "out":
                 out[name] = [_one(getattr(st, name)) for st in states]
         for name, per_layer in trace.extra.items():
-            out[name] = [_one(v) for v in per_layer]
+            if name != "dropout_masks":                 # training only; never in the oracle
+                out[name] = [_one(v) for v in per_layer]
         return out
 
     def random_case(self, rng, sizes=None, T=None) -> dict:

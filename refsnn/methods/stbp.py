@@ -506,73 +506,14 @@ class STBP(Method):
         return y[None]
 
     # ---- the chain over the layers (S1, S17, S18, flatten, S19) ------------------------------
-    def forward(self, p, layers, x, *, train=False, rng=None, masks=None) -> Trace:
-        """Run the layers bottom-up, each over all T steps (5.8).
-
-        With ``train`` and dropout > 0, S19 masks are drawn from ``rng`` for the input of every
-        spiking layer but the first and the last; ``masks`` ({layer index: scaled mask}) replays
-        given masks instead (used by the checks). The masks are kept in ``trace.extra``.
-        """
-        T, B = x.shape[:2]
-        spiking = [li for li, layer in enumerate(layers) if self.has_neurons(layer)]
-        n = len(spiking)
-        drop_at = set(spiking[1:-1])                                     # S19 places
-        if masks is None:
-            masks = {}
-            if train and p.dropout > 0 and drop_at:
-                if rng is None:
-                    raise ConfigError("stbp: dropout in training needs a seeded rng "
-                                      "(numpy.random.Generator)")
-        inputs, states, h, k = [], [], x, 0
-        for li, layer in enumerate(layers):
-            if li in drop_at and train and p.dropout > 0 and li not in masks:
-                masks[li] = dropout_mask(h.shape, float(p.dropout), rng, h.dtype)
-            if li in masks:
-                h = h * masks[li]                                        # S19
-            inputs.append(h)
-            I = layer.forward(h)                                         # S1 / S17 / S18 / flatten
-            if li in spiking:
-                st = self.neuron_forward(p, k, n, I.reshape(T, B, -1), k == n - 1)
-                states.append(st)
-                h = st.out.reshape((T, B) + tuple(layer.out_shape))
-                k += 1
-            else:
-                states.append(None)
-                h = I
-        trace = Trace(inputs=inputs, states=states, out=h)
-        if masks:
-            trace.extra["dropout_masks"] = masks
-        return trace
-
-    def backward(self, p, layers, trace, target) -> list:
-        """Loss (S5-S8), then per layer from the top: S13/S14/S16 over t, S15 and the adjoints."""
-        T, B = trace.inputs[0].shape[:2]
-        masks = trace.extra.get("dropout_masks", {})
-        n = sum(s is not None for s in trace.states)
-        loss, g = self.loss(p, trace.states[-1], target)
-        trace.loss = loss
-        grads = [None] * len(layers)
-        k = n
-        for li in range(len(layers) - 1, -1, -1):
-            layer, st = layers[li], trace.states[li]
-            need_down = li > 0
-            if st is not None:
-                k -= 1
-                e_w, e_down, extra = self.neuron_backward(p, k, n, st, g.reshape(T, B, -1),
-                                                          k == n - 1)
-                for key, value in extra.items():
-                    trace.extra.setdefault(key, [None] * n)[k] = value
-                shape = (T, B) + tuple(layer.out_shape)
-                same = e_w is e_down                                     # one adjoint pass
-                e_w = e_w.reshape(shape)
-                e_down = e_w if same else e_down.reshape(shape)
-                g, grads[li] = self.layer_backward(layer, e_w, e_down, trace.inputs[li],
-                                                   need_down)                # S15, S13c / S14c
-            else:
-                g, grads[li] = layer.backward(g, trace.inputs[li], need_input_grad=need_down)
-            if li in masks and g is not None:
-                g = g * masks[li]                                        # S19 adjoint
-        return grads
+    def input_mask(self, p, li, k, n_spiking, layer, h, rng):
+        """S19: dropout on the input of every spiking layer but the first and the last, a new
+        mask per step (training only); the base chain applies it and its adjoint (5.8)."""
+        if p.dropout <= 0 or not self.has_neurons(layer) or k == 0 or k == n_spiking - 1:
+            return None
+        if rng is None:
+            raise ConfigError("stbp: dropout in training needs a seeded rng (numpy.random.Generator)")
+        return dropout_mask(h.shape, float(p.dropout), rng, h.dtype)
 
     # ---- checks ------------------------------------------------------------------------------
     def fd_objective(self, p, layers, x, target) -> FDCheck:

@@ -505,7 +505,10 @@ class TSSLBP(Method):
         warm = warm_mask(p, state.out, state.spikes)                          # E14 mask
         delta = tsslbp_delta(D, G, state.u, state.spikes, warm, p.variant == "paper",
                              v_th, p.surrogate_width, p.x_clip)              # E12-E14
-        return delta, delta, {"D": D, "delta": delta, "warm": warm, "G": G, "c": c}
+        extras = {"D": D, "delta": delta, "warm": warm, "G": G, "c": c}
+        if is_output:
+            extras["g_out"] = g                                   # ∂L/∂a^L, for the oracle
+        return delta, delta, extras
 
     def make_target(self, p, labels, n_out, T):
         """4.1: d = the desired train on the label neuron, zeros elsewhere; labels for E10/E11."""
@@ -582,60 +585,24 @@ class TSSLBP(Method):
                 for arr in layer.params:
                     np.clip(arr, -p.w_clamp, p.w_clamp, out=arr)
 
-    # ---- the driver: the base chain plus E1 on the input and dropout (spec 7) ------------------
-    def forward(self, p, layers, x, *, train=False, rng=None):
-        """Layers in order; E1 on the input; dropout (train only) on the input of every conv and
-        dense layer but the first, one mask per unit fixed over all T steps (spec 7)."""
-        T, B = x.shape[:2]
-        n_spiking = sum(self.has_neurons(layer) for layer in layers)
-        h = self.encode_input(p, x)
-        inputs, states, masks, k = [], [], [None] * len(layers), 0
-        psp = [h.reshape(T, B, -1)]
-        for li, layer in enumerate(layers):
-            if train and p.dropout > 0 and self.has_neurons(layer) and k > 0:
-                if rng is None:
-                    raise ConfigError(f"{self.name}: dropout={p.dropout} needs an rng in training")
-                keep = (rng.random(h.shape[1:]) >= p.dropout).astype(h.dtype)
-                masks[li] = keep / h.dtype.type(1.0 - p.dropout)       # mask / (1 - p)
-                h = h * masks[li][None]
-            inputs.append(h)
-            I = layer.forward(h)
-            if self.has_neurons(layer):
-                st = self.neuron_forward(p, k, n_spiking, I.reshape(T, B, -1), k == n_spiking - 1)
-                states.append(st)
-                psp.append(st.out)
-                h = st.out.reshape((T, B) + tuple(layer.out_shape))
-                k += 1
-            else:
-                states.append(None)
-                h = I
-        return Trace(inputs=inputs, states=states, out=h,
-                     extra={"psp": psp, "dropout_masks": masks})
+    # ---- the driver: the base chain with E1 on the input (encode_input) and dropout (spec 7) -----
+    def input_mask(self, p, li, k, n_spiking, layer, h, rng):
+        """Spec 7 dropout (training only) on the input of every conv and dense layer but the
+        first: one mask per unit and sample, fixed over all T steps, scaled by 1/(1 - p)."""
+        if p.dropout <= 0 or not self.has_neurons(layer) or k == 0:
+            return None
+        if rng is None:
+            raise ConfigError(f"{self.name}: dropout={p.dropout} needs an rng in training")
+        keep = (rng.random(h.shape[1:]) >= p.dropout).astype(h.dtype)
+        return (keep / h.dtype.type(1.0 - p.dropout))[None]          # (1, B, ...): all T
 
-    def backward(self, p, layers, trace, target):
-        """5.5: loss, then per layer E6-E14 and the layer adjoint (E15, E16, dropout mask)."""
-        T, B = trace.inputs[0].shape[:2]
-        n_spiking = sum(self.has_neurons(layer) for layer in layers)
-        loss, g = self.loss(p, trace.states[-1], target)
-        trace.loss = loss
-        trace.extra["g_out"] = g
-        grads = [None] * len(layers)
-        masks = trace.extra.get("dropout_masks", [None] * len(layers))
-        k = n_spiking
-        for li in range(len(layers) - 1, -1, -1):
-            layer, st = layers[li], trace.states[li]
-            need_down = li > 0
-            if st is not None:
-                k -= 1
-                delta, _, extra = self.neuron_backward(p, k, n_spiking, st, g.reshape(T, B, -1),
-                                                       k == n_spiking - 1)
-                for key, value in extra.items():
-                    trace.extra.setdefault(key, [None] * n_spiking)[k] = value
-                g = delta.reshape((T, B) + tuple(layer.out_shape))
-            g, grads[li] = layer.backward(g, trace.inputs[li], need_input_grad=need_down)
-            if need_down and masks[li] is not None:
-                g = g * masks[li][None]                                  # dropout adjoint
-        return grads
+    def forward(self, p, layers, x, *, train=False, rng=None, masks=None):
+        """The base chain; ``trace.extra["psp"]`` keeps a^0 (E1) and every layer's a (E4)."""
+        trace = super().forward(p, layers, x, train=train, rng=rng, masks=masks)
+        T, B = x.shape[:2]
+        trace.extra["psp"] = [trace.inputs[0].reshape(T, B, -1)] + [
+            st.out for st in trace.spiking_states]
+        return trace
 
     def fd_objective(self, p, layers, x, target):
         """6.2: F = the tangent model at the current weights, grads = TSSL-BP's at the reference."""
@@ -678,7 +645,7 @@ class TSSLBP(Method):
             "warm": [one(v) for v in trace.extra["warm"]],
             "G": [one(v) for v in trace.extra["G"]],
             "c": [one(v) for v in trace.extra["c"]],
-            "g_out": one(trace.extra["g_out"]),
+            "g_out": one(trace.extra["g_out"][-1]),
         }
 
 
@@ -705,7 +672,7 @@ def tangent_model(method: TSSLBP, p: TSSLBPParams, layers, x, target, ref: Trace
     """
     T, B = x.shape[:2]
     n_spiking = sum(method.has_neurons(layer) for layer in layers)
-    masks = ref.extra.get("dropout_masks", [None] * len(layers))
+    masks = ref.extra.get("dropout_masks", {})
     frozen, k = {}, 0
     for li, layer in enumerate(layers):
         st = ref.states[li]
@@ -725,8 +692,8 @@ def tangent_model(method: TSSLBP, p: TSSLBPParams, layers, x, target, ref: Trace
         h = x if not p.input_psp else _filter(x.reshape(T, B, -1), p.theta_s).reshape(x.shape)
         last = None
         for li, layer in enumerate(layers):
-            if masks[li] is not None:
-                h = h * masks[li][None]
+            if li in masks:
+                h = h * masks[li]
             out = layer.forward(h)
             if li not in frozen:                          # pooling, flatten: linear, no neuron
                 h = out
