@@ -3,12 +3,13 @@
 Four ways of computing the forward, the weight gradient and the input gradient, timed on the
 shapes of the specs' conv presets and on T·B = 5·64 and 20·100 rows:
 
-  sample-gemm   refsnn's kernels (refsnn/kernels/conv.py): one sample's windows as a (C·k·k, H'·W')
-                matrix, then one small BLAS GEMM per sample, prange over samples
+  sample-loop   refsnn's kernels (refsnn/kernels/conv.py): one sample's windows as a (C·k·k, H'·W')
+                matrix in cache, then the sample's matrix product as numba loops; prange over samples
+  sample-gemm   the same, with numba's np.dot (BLAS) for each sample's product, called from the
+                numba threads
   rows-gemm     im2col of all T·B·H'·W' rows, then one numpy GEMM (in row chunks of at most 64 MB of
                 columns) and the NCHW transposes
   direct        numba loops straight over (n, c_out, c_in, i, j, y, x), no window matrix
-  sample-loop   sample-gemm's window matrix, with the GEMM as numba loops instead of BLAS
 
 Run from the repository root:
 
@@ -36,7 +37,7 @@ def _parse():
     ap.add_argument("--threads", type=int, default=0, help="numba/BLAS threads (0: default)")
     ap.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--ways", default="sample-gemm,rows-gemm,direct,sample-loop")
+    ap.add_argument("--ways", default="sample-loop,sample-gemm,rows-gemm,direct")
     ap.add_argument("--rows", default="320,2000", help="T·B values, comma separated")
     return ap.parse_args()
 
@@ -200,20 +201,10 @@ def direct_input_grad(g, Wt, H, W, s, p):
     return gx
 
 
-# ----------------------------------------------------------------------------- sample-loop
-@njit(cache=True)
-def _mm(A, B, C):
-    """C = A B by loops (i, q, r): the inner loop is an axpy over r, which vectorises."""
-    C[:, :] = 0.0
-    for i in range(A.shape[0]):
-        for q in range(A.shape[1]):
-            a = A[i, q]
-            for r in range(B.shape[1]):
-                C[i, r] += a * B[q, r]
-
-
+# ----------------------------------------------------------------------------- sample-gemm
+# refsnn's scheme with numba's np.dot (BLAS) for the per-sample products, called from the threads
 @njit(cache=True, parallel=True)
-def loop_forward(x, Wm, k, s, p, Ho, Wo):
+def blas_forward(x, Wm, k, s, p, Ho, Wo):
     N = x.shape[0]
     Co, Q = Wm.shape
     out = np.empty((N, Co, Ho, Wo), dtype=x.dtype)
@@ -223,12 +214,12 @@ def loop_forward(x, Wm, k, s, p, Ho, Wo):
         cols = np.empty((Q, Ho * Wo), dtype=x.dtype)
         for n in range(a, z):
             K.im2col_sample(x, n, k, s, p, Ho, Wo, cols)
-            _mm(Wm, cols, out[n].reshape(Co, Ho * Wo))
+            np.dot(Wm, cols, out[n].reshape(Co, Ho * Wo))
     return out
 
 
 @njit(cache=True, parallel=True)
-def loop_weight_grad(g, x, k, s, p):
+def blas_weight_grad(g, x, k, s, p):
     N, Co, Ho, Wo = g.shape
     Q = x.shape[1] * k * k
     n_chunks = min(N, K.N_CHUNKS)
@@ -236,15 +227,11 @@ def loop_weight_grad(g, x, k, s, p):
     for ch in prange(n_chunks):
         a, z = K._chunk(N, n_chunks, ch)
         cols = np.empty((Q, Ho * Wo), dtype=x.dtype)
-        acc = np.zeros((Co, Ho * Wo), dtype=x.dtype)
+        dW = np.empty((Co, Q), dtype=x.dtype)
         for n in range(a, z):
             K.im2col_sample(x, n, k, s, p, Ho, Wo, cols)
-            gn = g[n].reshape(Co, Ho * Wo)
-            for c in range(Co):
-                for q in range(Q):                          # per-r partials: vectorises
-                    for r in range(Ho * Wo):
-                        acc[c, r] = gn[c, r] * cols[q, r]
-                    part[ch, c, q] += acc[c].sum()
+            np.dot(g[n].reshape(Co, Ho * Wo), cols.T, dW)
+            part[ch] += dW
     out = np.zeros((Co, Q), dtype=x.dtype)
     for ch in range(n_chunks):
         out += part[ch]
@@ -252,7 +239,7 @@ def loop_weight_grad(g, x, k, s, p):
 
 
 @njit(cache=True, parallel=True)
-def loop_input_grad(g, Wm, C, H, W, k, s, p):
+def blas_input_grad(g, Wm, C, H, W, k, s, p):
     N, Co, Ho, Wo = g.shape
     Q = Wm.shape[1]
     gx = np.zeros((N, C, H, W), dtype=g.dtype)
@@ -262,7 +249,7 @@ def loop_input_grad(g, Wm, C, H, W, k, s, p):
         a, z = K._chunk(N, n_chunks, ch)
         dcols = np.empty((Q, Ho * Wo), dtype=g.dtype)
         for n in range(a, z):
-            _mm(WmT, g[n].reshape(Co, Ho * Wo), dcols)
+            np.dot(WmT, g[n].reshape(Co, Ho * Wo), dcols)
             K.col2im_sample(dcols, n, k, s, p, Ho, Wo, gx)
     return gx
 
@@ -276,18 +263,18 @@ def ways(x, Wt, g, k, p):
     Wm = np.ascontiguousarray(Wt.reshape(Co, -1))
     nob = np.zeros(0, x.dtype)
     return {
-        "sample-gemm": {"forward": lambda: K.conv_forward(x, Wm, nob, k, s, p, Ho, Wo),
+        "sample-loop": {"forward": lambda: K.conv_forward(x, Wm, nob, k, s, p, Ho, Wo),
                         "weight grad": lambda: K.conv_weight_grad(g, x, k, s, p),
                         "input grad": lambda: K.conv_input_grad(g, Wm, C, H, W, k, s, p)},
+        "sample-gemm": {"forward": lambda: blas_forward(x, Wm, k, s, p, Ho, Wo),
+                        "weight grad": lambda: blas_weight_grad(g, x, k, s, p),
+                        "input grad": lambda: blas_input_grad(g, Wm, C, H, W, k, s, p)},
         "rows-gemm": {"forward": lambda: rows_forward(x, Wm, k, s, p, Ho, Wo),
                       "weight grad": lambda: rows_weight_grad(g, x, k, s, p),
                       "input grad": lambda: rows_input_grad(g, Wm, C, H, W, k, s, p)},
         "direct": {"forward": lambda: direct_forward(x, Wt, s, p, Ho, Wo),
                    "weight grad": lambda: direct_weight_grad(g, x, k, s, p),
                    "input grad": lambda: direct_input_grad(g, Wt, H, W, s, p)},
-        "sample-loop": {"forward": lambda: loop_forward(x, Wm, k, s, p, Ho, Wo),
-                        "weight grad": lambda: loop_weight_grad(g, x, k, s, p),
-                        "input grad": lambda: loop_input_grad(g, Wm, C, H, W, k, s, p)},
     }
 
 

@@ -1,22 +1,25 @@
-"""The conv layer's three maps (spec stbp S17), one sample's windows at a time.
+"""The conv layer's three maps (spec stbp S17), one sample's window matrix at a time.
 
-For one sample n, the windows of the zero-padded input as columns,
+For one sample n, the windows of the zero-padded input as a matrix,
 
     cols[(c, i, j), (y, x)] = x[n, c, s·y + i - p, s·x + j - p]      (0 where that is padding),
 
-turn the cross-correlation S17 into one small GEMM per sample, in NCHW order with no transpose:
+turn the cross-correlation S17 into three small matrix products per sample, in NCHW order:
 
-    forward       I[n]  = W_m cols + b            W_m = W.reshape(C_out, C_in·k·k)
-    weight grad   dW_m  = Σ_n g[n] colsᵀ
-    input grad    g_x[n] = col2im(W_mᵀ g[n])       col2im = the exact adjoint of the window copy
+    forward       I[n]   = b + W_m cols            W_m = W.reshape(C_out, C_in·k·k)
+    weight grad   dW_m  += g[n] rows               rows = colsᵀ, built directly as (H'·W', C_in·k·k)
+    input grad    g_x[n] = col2im(W_mᵀ g[n])        col2im = the exact adjoint of the window copy
 
-``cols`` of one sample stays in cache; the loop over samples is a ``prange`` with disjoint writes.
-benchmarks/bench_conv.py measured this against im2col of all T·B rows + one GEMM and against a
-direct loop (results in benchmarks/README.md). The GEMMs are numba's ``np.dot`` (BLAS).
+One sample's matrices stay in cache. The products are numba loops (``_matmul_add``), not BLAS:
+benchmarks/bench_conv.py measured this against im2col of all T·B rows + one numpy GEMM, against a
+direct loop without a window matrix, and against the same per-sample scheme calling BLAS from the
+threads (fastest on one thread, but 10-60 times slower in wall time once OpenBLAS's own threads
+collide with numba's); results and the choice in benchmarks/README.md.
 
-The batch sum of the weight gradient is split into a number of chunks fixed by the batch size
-alone (not by the thread count), each summed serially, then the chunks in order: the result is the
-same bits whatever the number of threads.
+Threads: ``prange`` over chunks of samples, each chunk writing only its own samples. The weight
+gradient sums each chunk serially into its own partial, then the partials in order; the chunks
+are fixed by the batch size alone (not by the thread count), so every result is the same bits
+whatever the number of threads.
 """
 
 import numpy as np
@@ -84,6 +87,64 @@ def col2im_sample(dcols, n, k, stride, padding, Ho, Wo, gx):
                         gx[n, c, yi, stride * xo + j - padding] += dcols[q, r + xo]
 
 
+@njit(cache=True)
+def im2row_sample(x, n, k, stride, padding, Ho, Wo, rows):
+    """The transpose of im2col_sample, built directly: rows[(y,x), (c,i,j)] = x[n, c, s·y+i-p,
+    s·x+j-p], 0 in the zero padding (S17 weight gradient)."""
+    _, C, H, Wd = x.shape
+    for y in range(Ho):
+        for xo in range(Wo):
+            r = y * Wo + xo
+            for c in range(C):
+                for i in range(k):
+                    yi = stride * y + i - padding
+                    for j in range(k):
+                        xj = stride * xo + j - padding
+                        if 0 <= yi < H and 0 <= xj < Wd:
+                            rows[r, (c * k + i) * k + j] = x[n, c, yi, xj]
+                        else:
+                            rows[r, (c * k + i) * k + j] = 0.0
+
+
+@njit(cache=True)
+def _matmul_add(A, B, C):
+    """C += A B for one sample's small row-major matrices: A (M, Q), B (Q, P), C (M, P).
+
+    Written so that the inner loop (over P) vectorises without reassociation: two rows of C at a
+    time, and the terms of q in blocks of 4, c[r] += (a0·b0[r] + a1·b1[r] + a2·b2[r] + a3·b3[r]).
+    """
+    M, Q = A.shape
+    P = B.shape[1]
+    Q4 = Q - Q % 4
+    for i in range(0, M - M % 2, 2):
+        c0, c1 = C[i], C[i + 1]
+        for q in range(0, Q4, 4):
+            b0, b1, b2, b3 = B[q], B[q + 1], B[q + 2], B[q + 3]
+            a0, a1, a2, a3 = A[i, q], A[i, q + 1], A[i, q + 2], A[i, q + 3]
+            e0, e1, e2, e3 = A[i + 1, q], A[i + 1, q + 1], A[i + 1, q + 2], A[i + 1, q + 3]
+            for r in range(P):
+                v0, v1, v2, v3 = b0[r], b1[r], b2[r], b3[r]
+                c0[r] += a0 * v0 + a1 * v1 + a2 * v2 + a3 * v3
+                c1[r] += e0 * v0 + e1 * v1 + e2 * v2 + e3 * v3
+        for q in range(Q4, Q):
+            bq, a0, e0 = B[q], A[i, q], A[i + 1, q]
+            for r in range(P):
+                c0[r] += a0 * bq[r]
+                c1[r] += e0 * bq[r]
+    if M % 2:
+        i = M - 1
+        c0 = C[i]
+        for q in range(0, Q4, 4):
+            b0, b1, b2, b3 = B[q], B[q + 1], B[q + 2], B[q + 3]
+            a0, a1, a2, a3 = A[i, q], A[i, q + 1], A[i, q + 2], A[i, q + 3]
+            for r in range(P):
+                c0[r] += a0 * b0[r] + a1 * b1[r] + a2 * b2[r] + a3 * b3[r]
+        for q in range(Q4, Q):
+            bq, a0 = B[q], A[i, q]
+            for r in range(P):
+                c0[r] += a0 * bq[r]
+
+
 @njit(cache=True, parallel=True)
 def conv_forward(x, Wm, b, k, stride, padding, Ho, Wo):
     """S17 forward: I[n, c, y, x] = b[c] + Σ_{c',i,j} W[c,c',i,j] · x[n, c', s·y+i-p, s·x+j-p].
@@ -101,10 +162,9 @@ def conv_forward(x, Wm, b, k, stride, padding, Ho, Wo):
         for n in range(a, z):
             im2col_sample(x, n, k, stride, padding, Ho, Wo, cols)
             I = out[n].reshape(Co, Ho * Wo)
-            np.dot(Wm, cols, I)                              # Σ_{c',i,j} W · window
-            for c in range(b.shape[0]):                      # + b[c]
-                for r in range(Ho * Wo):
-                    I[c, r] += b[c]
+            for c in range(Co):
+                I[c, :] = b[c] if b.shape[0] > 0 else 0.0    # b[c]
+            _matmul_add(Wm, cols, I)                         # + Σ_{c',i,j} W · window
     return out
 
 
@@ -116,18 +176,15 @@ def conv_weight_grad(g, x, k, stride, padding):
     (C_out, C_in·k·k). Summed per fixed chunk of samples, then over chunks in order (deterministic).
     """
     N, Co, Ho, Wo = g.shape
-    C = x.shape[1]
-    Q = C * k * k
+    Q = x.shape[1] * k * k
     n_chunks = min(N, N_CHUNKS)
     part = np.zeros((n_chunks, Co, Q), dtype=x.dtype)
-    for ch in prange(n_chunks):
+    for ch in prange(n_chunks):                              # each chunk its own partial
         a, z = _chunk(N, n_chunks, ch)
-        cols = np.empty((Q, Ho * Wo), dtype=x.dtype)
-        dW = np.empty((Co, Q), dtype=x.dtype)
+        rows = np.empty((Ho * Wo, Q), dtype=x.dtype)
         for n in range(a, z):
-            im2col_sample(x, n, k, stride, padding, Ho, Wo, cols)
-            np.dot(g[n].reshape(Co, Ho * Wo), cols.T, dW)    # g[n] colsᵀ
-            part[ch] += dW
+            im2row_sample(x, n, k, stride, padding, Ho, Wo, rows)
+            _matmul_add(g[n].reshape(Co, Ho * Wo), rows, part[ch])   # += g[n] colsᵀ
     out = np.zeros((Co, Q), dtype=x.dtype)
     for ch in range(n_chunks):
         out += part[ch]
@@ -150,6 +207,7 @@ def conv_input_grad(g, Wm, C, H, Wd, k, stride, padding):
         a, z = _chunk(N, n_chunks, ch)
         dcols = np.empty((Q, Ho * Wo), dtype=g.dtype)
         for n in range(a, z):
-            np.dot(WmT, g[n].reshape(Co, Ho * Wo), dcols)    # W_mᵀ g[n]
+            dcols[:, :] = 0.0
+            _matmul_add(WmT, g[n].reshape(Co, Ho * Wo), dcols)      # W_mᵀ g[n]
             col2im_sample(dcols, n, k, stride, padding, Ho, Wo, gx)
     return gx
