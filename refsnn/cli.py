@@ -360,9 +360,10 @@ def datasets(data_dir):
 # --------------------------------------------------------------------------------------------
 
 def _add_subcommands():
-    """`refsnn data ...` (cli_data.py) and `refsnn oracle ...` (cli_oracle.py)."""
+    """`refsnn data ...` (cli_data.py), `refsnn oracle ...` (cli_oracle.py), `refsnn nir ...`."""
     import importlib
-    for module, name in (("refsnn.cli_data", "data"), ("refsnn.cli_oracle", "oracle")):
+    for module, name in (("refsnn.cli_data", "data"), ("refsnn.cli_oracle", "oracle"),
+                         ("refsnn.cli_nir", "nir")):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as err:
