@@ -362,6 +362,39 @@ def test_fd_check_fails_on_a_mutated_gradient():
     assert not check(F, net.params(), grads, h=1e-4, rtol=1e-7).passed
 
 
+@pytest.mark.parametrize("variant", ["code", "paper"])
+def test_fd_objective_for_refsnn_gradcheck(variant):
+    """Method.fd_objective: the spec's relaxation, the hand gradient and the 1e-7 rule."""
+    net = build("6-5-4-3", {"variant": variant, "decay": 0.9,
+                            "dropout_masks": [[2.0, 0.0, 2.0, 2.0, 2.0], None]}, 5)
+    rng = np.random.default_rng(5)
+    x = inputs(rng, 9, 2, net.in_shape, False)
+    target = net.make_target(np.array([2, 0]), 9)
+    chk = net.method.fd_objective(net.p, net.layers, x, target)
+    trace, grads, _ = run(net, x, np.array([2, 0]))
+    assert chk.F() == pytest.approx(trace.loss, rel=1e-12) and (chk.h, chk.rtol) == (1e-4, 1e-7)
+    assert chk.rule == ("spikebp 6.2" if variant == "code" else "spikebp 6.3")
+    for a, b in zip(chk.grads, grads):
+        np.testing.assert_array_equal(a, b)
+    report = check(chk.F, net.params(), chk.grads, h=chk.h, rtol=chk.rtol)
+    assert report.passed, str(report)
+
+
+def test_random_cases_cover_every_parameter_and_run():
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(60):
+        case = M.random_case(rng)
+        out = run_case("spikebp", **case)
+        assert np.isfinite(out["loss"]) and len(out["grads"]) == len(case["weights"])
+        seen |= set(case["params"]) | {f"{k}={case['params'][k]}" for k in ("variant", "out_grad")}
+        seen |= {"target"} if case.get("target") is not None else set()
+        seen |= {"signed"} if np.any(case["inputs"] < 0) else set()
+        seen |= {"v_th list"} if isinstance(case["params"]["v_th"], list) else set()
+    assert {"decay", "tau_m", "dt", "v_th_out", "lf_eps", "loss_scale", "dropout_masks", "target",
+            "signed", "v_th list", "variant=paper", "variant=code", "out_grad=exact"} <= seen
+
+
 # --------------------------------------------------------------------------------------------
 # approximation properties (spec 6.4)
 # --------------------------------------------------------------------------------------------
