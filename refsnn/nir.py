@@ -133,11 +133,12 @@ def _unsupported(m, p, layers):
     """Why NIR cannot carry method ``m`` with params ``p`` and these layers (None: it can)."""
     why = None
     if m == "hm2bp":
-        why = (f"hm2bp t_ref={p.t_ref}: NIR neurons have no refractory period (spec hm2bp 2.1 "
-               "step 5)" if int(p.t_ref) > 0 else
+        t_ref = getattr(p, "t_ref", 0)
+        why = (f"hm2bp t_ref={t_ref}: NIR neurons have no refractory period (spec hm2bp 2.1 "
+               "step 5)" if int(t_ref) > 0 else
                "hm2bp: refsnn does not map its one-step synaptic delay per layer and its "
                "leak-before-input order (spec hm2bp 2.1) to NIR")
-        if float(p.w_lat) != 0.0:
+        if float(getattr(p, "w_lat", 0.0)) != 0.0:
             why += f"; nor its lateral inhibition w_lat={p.w_lat}"
     elif m not in MAPPED:
         why = f"method {m!r} has no NIR mapping in refsnn"
