@@ -295,14 +295,14 @@ def _accumulate(comp: Comparison, case: Case, got: dict, quantities):
             e = exp[name] if isinstance(exp[name], list) else [exp[name]]
             g = got[name] if isinstance(got[name], (list, tuple)) else [got[name]]
             err = max(float(np.max(np.abs(np.asarray(a, float) - np.asarray(b, float))))
-                      if np.size(a) else 0.0 for a, b in zip(e, g))
+                      if np.size(a) else 0.0 for a, b in zip(e, g)) if e else 0.0
             if len(e) != len(g):
                 err = float("inf")
         except ValueError:      # shapes that do not broadcast
             err = float("inf")
         if name not in ("loss", "grads", "grads_b"):     # other quantities: their own magnitude too
-            err = err / max(1.0, max(float(np.max(np.abs(np.asarray(a, float)))) if np.size(a) else 0.0
-                                     for a in e) / scale)
+            err = err / max(1.0, max((float(np.max(np.abs(np.asarray(a, float)))) if np.size(a)
+                                      else 0.0 for a in e), default=0.0) / scale)
         s = comp.stats.setdefault(name, QuantityStats(name))
         s.cases += 1
         if err / scale >= s.max_rel:
