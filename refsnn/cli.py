@@ -23,11 +23,16 @@ import sys
 import time
 from pathlib import Path
 
-# Between parallel kernels numba's OpenMP threads spin-wait and starve OpenBLAS's threads on a
-# small machine; passive waiting measured 585 -> 400 ms per STBP training step (784-400-10, T 8,
-# batch 50, float64) on a busy 2-core machine. libgomp reads this when numba starts its thread
-# pool (the first parallel kernel), so setting it here is early enough. A user's setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+# Threading policy (benchmarks/README.md, "Threading"): numba's prange kernels get the cores, BLAS
+# runs on one thread. Two thread pools (numba's OpenMP one and OpenBLAS's) on the same cores wait
+# for each other; on a shared 2-core machine a default STBP step took 285 ms with 2 BLAS threads
+# and 48 ms with 1 (same results); a BLAS call made from inside a prange needs one BLAS thread
+# anyway. OpenBLAS/MKL read these when numpy loads, libgomp when numba starts its pool, so they
+# must be set before either is imported (nothing above imports them). Passive waiting keeps
+# idle numba threads off the cores. A user's setting wins.
+for _var, _value in (("OPENBLAS_NUM_THREADS", "1"), ("MKL_NUM_THREADS", "1"),
+                     ("OMP_WAIT_POLICY", "passive")):
+    os.environ.setdefault(_var, _value)
 
 import click
 

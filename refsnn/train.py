@@ -246,7 +246,18 @@ def machine_info() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor() or
             platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
             "numpy": np.__version__, "numba": numba.__version__, "h5py": h5py.__version__,
-            "refsnn": __version__}
+            "refsnn": __version__, "threads": thread_info()}
+
+
+def thread_info() -> dict:
+    """The threading a run had (it changes speed, not results; benchmarks/README.md)."""
+    import numba
+    info = {"numba_threads": numba.get_num_threads()}
+    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY",
+                "NUMBA_THREADING_LAYER"):
+        if var in os.environ:
+            info[var] = os.environ[var]
+    return info
 
 
 # --------------------------------------------------------------------------------------------
