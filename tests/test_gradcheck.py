@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
 from refsnn import gradcheck
@@ -17,6 +17,8 @@ def test_central_fd_matches_the_gradient_of_a_smooth_function(a, b):
     f = lambda: float(np.sum(np.sin(a)) * np.sum(b ** 3) + np.sum(a ** 2))
     ga = np.cos(a) * np.sum(b ** 3) + 2 * a
     gb = np.sum(np.sin(a)) * 3 * b ** 2
+    # the rule is relative to the largest gradient: a vanishing one leaves only round-off
+    assume(max(np.max(np.abs(ga)), np.max(np.abs(gb))) > 1e-2)
     a0, b0 = a.copy(), b.copy()
     rep = gradcheck.check(f, [a, b], [ga, gb], h=1e-5, rtol=1e-7)
     assert rep.passed, rep
