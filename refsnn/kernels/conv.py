@@ -7,14 +7,14 @@ For one sample n, the windows of the zero-padded input as a matrix,
 turn the cross-correlation S17 into three small matrix products per sample, in NCHW order:
 
     forward       I[n]   = b + W_m cols            W_m = W.reshape(C_out, C_in·k·k)
-    weight grad   dW_m  += g[n] rows               rows = colsᵀ, built directly as (H'·W', C_in·k·k)
+    weight grad   dW_m  += g[n] colsᵀ              (colsᵀ built directly, or as dW_mᵀ += cols g[n]ᵀ)
     input grad    g_x[n] = col2im(W_mᵀ g[n])        col2im = the exact adjoint of the window copy
 
 One sample's matrices stay in cache. The products are numba loops (``_matmul_add``), not BLAS:
 benchmarks/bench_conv.py measured this against im2col of all T·B rows + one numpy GEMM, against a
 direct loop without a window matrix, and against the same per-sample scheme calling BLAS from the
-threads (fastest on one thread, but 10-60 times slower in wall time once OpenBLAS's own threads
-collide with numba's); results and the choice in benchmarks/README.md.
+threads (1.0-1.7x faster with one OpenBLAS thread, but 10-20 times slower on some shapes once
+OpenBLAS's own threads collide with numba's); results and the choice in benchmarks/README.md.
 
 Threads: ``prange`` over chunks of samples, each chunk writing only its own samples. The weight
 gradient sums each chunk serially into its own partial, then the partials in order; the chunks
@@ -174,21 +174,37 @@ def conv_weight_grad(g, x, k, stride, padding):
 
     g (N, C_out, Ho, Wo), x (N, C_in, H, W), both C-contiguous, same dtype. Returns dW reshaped
     (C_out, C_in·k·k). Summed per fixed chunk of samples, then over chunks in order (deterministic).
+    The product runs along the longer of C_in·k·k and C_out (the axis its inner loop vectorises
+    over): dW += g[n] rows, or dWᵀ += cols g[n]ᵀ.
     """
     N, Co, Ho, Wo = g.shape
     Q = x.shape[1] * k * k
+    P = Ho * Wo
     n_chunks = min(N, N_CHUNKS)
-    part = np.zeros((n_chunks, Co, Q), dtype=x.dtype)
+    wide = Q >= Co
+    part = np.zeros((n_chunks, Co * Q), dtype=x.dtype)
     for ch in prange(n_chunks):                              # each chunk its own partial
         a, z = _chunk(N, n_chunks, ch)
-        rows = np.empty((Ho * Wo, Q), dtype=x.dtype)
-        for n in range(a, z):
-            im2row_sample(x, n, k, stride, padding, Ho, Wo, rows)
-            _matmul_add(g[n].reshape(Co, Ho * Wo), rows, part[ch])   # += g[n] colsᵀ
-    out = np.zeros((Co, Q), dtype=x.dtype)
+        if wide:
+            rows = np.empty((P, Q), dtype=x.dtype)
+            dW = part[ch].reshape(Co, Q)
+            for n in range(a, z):
+                im2row_sample(x, n, k, stride, padding, Ho, Wo, rows)
+                _matmul_add(g[n].reshape(Co, P), rows, dW)          # dW += g[n] colsᵀ
+        else:
+            cols = np.empty((Q, P), dtype=x.dtype)
+            gT = np.empty((P, Co), dtype=x.dtype)
+            dWT = part[ch].reshape(Q, Co)
+            for n in range(a, z):
+                im2col_sample(x, n, k, stride, padding, Ho, Wo, cols)
+                gT[:, :] = g[n].reshape(Co, P).T
+                _matmul_add(cols, gT, dWT)                          # dWᵀ += cols g[n]ᵀ
+    out = np.zeros(Co * Q, dtype=x.dtype)
     for ch in range(n_chunks):
         out += part[ch]
-    return out
+    if wide:
+        return out.reshape(Co, Q)
+    return np.ascontiguousarray(out.reshape(Q, Co).T)
 
 
 @njit(cache=True, parallel=True)
