@@ -518,21 +518,24 @@ class BPSTA(Method):
         "cifar100-middle": _preset(
             "cifar100", "32x32x3-128c3p1-m2-128c3p1-m2-256c3p1-m2-512c3p1-a4-1000", batch_size=128,
             params={"n_classes": 100}),
-        "nmnist-middle": _preset(        # code net `nmnist` (spec 8 shapes), counts as input
+        "nmnist-middle": _preset(        # code net `nmnist` (spec 8 shapes); 2x34x34 frames
             "nmnist", "34x34x2-128c3p1-m2-128c3p1-m2-256c3p1-a2-512c3p1-a4-100", batch_size=64,
-            encoding="direct", params={"dropout": 0.5}),
-        "dvs-gesture-large": _preset(    # input 2x64x64 after the code's nearest resize
+            params={"dropout": 0.5}),
+        # DVS nets read 2x64x64 frames: the sensor's 128x128 events resized by the code's
+        # nearest-neighbour x2 (spec 3), which needs that binning from the data layer
+        "dvs-gesture-large": _preset(
             "dvs-gesture", "64x64x2-128c3p1-128c3p1-m2-128c3p1-m2-256c3p1-m2-512c3p1-a2-1024c3p1"
             "-a4-110", batch_size=16, params={"dropout": 0.5, "n_classes": 11}),
-        "dvs-cifar10-large": _preset(
-            "dvs-cifar10", "64x64x2-128c3p1-128c3p1-m2-128c3p1-m2-256c3p1-m2-512c3p1-a2-1024c3p1"
+        "cifar10-dvs-large": _preset(
+            "cifar10-dvs", "64x64x2-128c3p1-128c3p1-m2-128c3p1-m2-256c3p1-m2-512c3p1-a2-1024c3p1"
             "-a4-100", batch_size=64, params={"dropout": 0.5}),
     }
 
-    # mnist10k in about 5 minutes on 2 cores: an MLP with the code's neuron and training setup,
-    # T = 8 and 30 epochs instead of 16 and 300 (see benchmarks/runs/bpsta.md).
-    defaults = {**_SETUP, "dataset": "mnist10k", "arch": _MLP, "T": 8, "epochs": 30,
-                "batch_size": 50, "dtype": "float32", "params": dict(_CODE)}
+    # mnist10k in a few minutes on 2 cores: an MLP with the code's neuron, voting, loss and
+    # training setup (spec 7), T = 8 and 20 epochs instead of 16 and 300, and NDropout 0.7
+    # instead of 0.5 (96.2% vs 95.3% on mnist10k; benchmarks/runs/bpsta.md).
+    defaults = {**_SETUP, "dataset": "mnist10k", "arch": _MLP, "T": 8, "epochs": 20,
+                "batch_size": 50, "dtype": "float32", "params": {**_CODE, "dropout": 0.7}}
 
     # ---- pieces of the protocol -------------------------------------------------------------
     def uses_bias(self, p) -> bool:
