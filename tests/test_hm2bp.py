@@ -828,3 +828,62 @@ def test_default_run_learns_on_a_subset_of_mnist10k(tmp_path):
                                                                  epochs=1))
     report = train(cfg, "hm2bp", tmp_path / "run", quiet=True)
     assert report["test_acc"] > 0.75                            # chance is 0.10
+
+
+# ------------------------------------------------------------------------------------------------
+# spec 6.4: the official code's golden vectors (needs a checkout of jinyyy666/mm-bp-snn; the repo
+# carries no licence, so its data are not copied here: set REFSNN_MMBP_ROOT to the checkout)
+# ------------------------------------------------------------------------------------------------
+
+def _mmbp_root():
+    import os
+    root = os.environ.get("REFSNN_MMBP_ROOT", "")
+    path = Path(root) / "test" / "golden" / "speech" / "ti_alpha"
+    if not root or not path.is_dir():
+        pytest.skip("set REFSNN_MMBP_ROOT to a checkout of jinyyy666/mm-bp-snn (spec 6.4)")
+    return path
+
+
+def _golden_spikes(path, T, n):
+    S = np.zeros((T, n))
+    for line in path.read_text().split("\n"):
+        if line.strip():
+            i, t = (int(v) for v in line.split())
+            if i >= 0 and t < T:                    # "-1 -1" frames the list; t >= T is outside
+                S[t, i] = 1
+    return S
+
+
+def _golden_weights(path, n_post, n_pre):
+    W = np.full((n_post, n_pre), np.nan)
+    for line in path.read_text().split("\n"):
+        if line.strip():
+            _, pre, post, w = line.split()
+            W[int(post.rsplit("_", 1)[1]), int(pre.rsplit("_", 1)[1])] = float(w)
+    assert not np.isnan(W).any()
+    return W
+
+
+def test_spec_6_4_official_golden_update():
+    root = _mmbp_root()
+    T = 658
+    X = _golden_spikes(root / "spikes/Reservoir_Response/0/reservoir_spikes_0_0.dat", T, 135)
+    H = _golden_spikes(root / "spikes/Hidden_Response_Supv/train/0/hidden_0_spikes_0_0.dat", T, 64)
+    O = _golden_spikes(root / "spikes/Readout_Response_Supv/train/0/readout_spikes_0_0.dat", T, 26)
+    W = [_golden_weights(root / "weights/h_weights_info.txt", 64, 135),
+         _golden_weights(root / "weights/o_weights_info.txt", 26, 64)]
+    W1 = [_golden_weights(root / "weights/h_weights_info_trained.txt", 64, 135),
+          _golden_weights(root / "weights/o_weights_info_trained.txt", 26, 64)]
+    assert (X.sum(), H.sum(), O.sum()) == (4900, 344, 38)
+    misses = {}
+    for spsp, side in (("code", True), ("discrete", True), ("code", False)):
+        out = oracle.run_case("hm2bp", W, X, label=0, params=dict(
+            spsp=spsp, side_effect=side, effect_ratio=False, th_eps=1e-6, v_th=[20.0, 5.0]))
+        np.testing.assert_array_equal(out["spikes"][0], H)
+        np.testing.assert_array_equal(out["spikes"][1], O)
+        fixed = np.flatnonzero(out["S_post_out_fixed"][:, 0])
+        assert fixed.tolist() == list(range(18, T, 18))                 # 36 spikes at 18, 36, ...
+        misses[spsp, side] = max(np.abs(w - 1e-5 * g - w1).max()        # one SGD step, lr 1e-5
+                                 for w, g, w1 in zip(W, out["grads"], W1))
+    assert misses["code", True] < 1.5e-6                                # printing precision
+    assert misses["discrete", True] > 1e-5 and misses["code", False] > 1e-4

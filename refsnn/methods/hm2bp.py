@@ -873,14 +873,15 @@ class HM2BP(Method):
     Params = HM2BPParams
     spiking_pool = True             # 5.9: pooling layers are spiking layers
 
-    #: spec 8 (Config/*.txt of the official code). The MLP runs there draw the Poisson trains
-    #: once and reuse them; refsnn's trainer draws them per epoch. No augmentation, no boosting.
+    #: spec 8 (Config/*.txt of the official code). Not reproduced: the MLP runs there draw the
+    #: Poisson trains once and reuse them (refsnn's trainer draws them per batch), the CNN run's
+    #: augmentation, the boosting of 7, and the 5000-swap shuffle (refsnn permutes).
     presets = {
         "mnist-mlp": dict(_PAPER_TRAIN, dataset="mnist", arch="784-800-10", T=400,
                           params=dict(_PAPER, v_th=(20.0, 8.0), lambda_reg=10.0, beta_reg=0.04,
                                       w_limit=8.0)),
         "nmnist-mlp": dict(_PAPER_TRAIN, dataset="nmnist", arch="2312-800-10", T=540,
-                           encoding="bernoulli", encoding_kw={},
+                           binning="hm2bp", encoding="bernoulli", encoding_kw={},   # events: 3
                            params=dict(_PAPER, v_th=(15.0, 15.0), lambda_reg=10.0,
                                        beta_reg=0.01, w_limit=8.0)),
         "mnist-cnn": dict(_PAPER_TRAIN, dataset="mnist", arch="28x28x1-15c5-a2-40c5-a2-300-10",
@@ -1110,7 +1111,7 @@ class HM2BP(Method):
                 grads[li][0] += (B * gR).reshape(W.shape).astype(W.dtype)
             if record is not None:
                 record["counts"][pos] = o_pre
-                record["delta"][pos + 1] = delta
+                record["delta"][pos + 1] = None if side is None else delta    # pooling: no δ
                 record["e"][pos + 1] = e
                 record["rho"][pos + 1] = rho
                 record["side"][pos + 1] = side
