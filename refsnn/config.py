@@ -1,7 +1,7 @@
 """TrainConfig: every option of a training run, with checks; presets and defaults are dicts of it.
 
 A method's ``defaults`` (the run of plain ``refsnn train --method M``) and each of its ``presets``
-(spec section 8, shared/spec/README.md "Preset names") are dicts with keys of this dataclass; the
+(spec section 8, docs/spec/README.md "Preset names") are dicts with keys of this dataclass; the
 key ``params`` holds the method's hyper-parameters by refsnn name. The CLI layers them:
 TrainConfig defaults < method defaults < preset < explicit flags.
 """

@@ -1,6 +1,6 @@
 """The reference oracle: one sample, float64, fully connected, exactly as each spec defines it.
 
-``run_case`` is the contract of shared/spec/README.md ("The oracle contract"): another
+``run_case`` is the contract of docs/spec/README.md ("The oracle contract"): another
 implementation (PyTorch, JAX, hardware) feeds the same weights, inputs and target and must get the
 same spikes (exactly) and the same loss and gradients (to float64 round-off).
 """
@@ -30,7 +30,7 @@ def run_case(method: str, weights, inputs, *, label=None, target=None, biases=No
     biases : list of (n_l,) arrays, optional
         For the methods whose spec has biases; zeros if absent.
     params : dict, optional
-        Hyper-parameters by refsnn name (shared/spec/README.md); unknown names raise ConfigError.
+        Hyper-parameters by refsnn name (docs/spec/README.md); unknown names raise ConfigError.
 
     Returns
     -------

@@ -5,7 +5,7 @@ are linear and know nothing of time, and one METHOD, which owns the neurons, the
 temporal part of the backward pass. A method module reads top to bottom beside its paper:
 
 1. ``Params``: a frozen dataclass of the method's hyper-parameters, with refsnn's names
-   (shared/spec/README.md) and the spec's defaults; each field declared with :func:`param`
+   (docs/spec/README.md) and the spec's defaults; each field declared with :func:`param`
    (default, meaning, spec tag), checked in ``__post_init__``.
 2. Forward kernels (numba) in spec order, then backward kernels.
 3. A subclass of :class:`Method` gluing them to the network:
@@ -46,7 +46,7 @@ from ..errors import ConfigError
 # Parameters
 # --------------------------------------------------------------------------------------------
 
-#: spec name -> refsnn name (shared/spec/README.md, "Shared names"), for helpful errors.
+#: spec name -> refsnn name (docs/spec/README.md, "Shared names"), for helpful errors.
 RENAMED = {
     "V_th": "v_th", "theta": "v_th", "tau": "decay", "leak": "decay", "lam": "decay",
     "desired": "desired_count", "undesired": "undesired_count", "a": "surrogate_width",
@@ -382,7 +382,7 @@ class Method:
 
     # ---- the oracle --------------------------------------------------------------------------
     def run_case(self, weights, inputs, *, label=None, target=None, biases=None, p=None) -> dict:
-        """One sample, float64, dense: the oracle contract of shared/spec/README.md.
+        """One sample, float64, dense: the oracle contract of docs/spec/README.md.
 
         Runs the same forward and backward as training, on a batch of one. The common checks of
         the arguments are done by :func:`refsnn.oracle.run_case` before this is called. Returns

@@ -53,7 +53,8 @@ class BPSTAParams(Params):
     METHOD = "bpsta"
     v_th: float = param(0.5, "firing threshold θ (> 0; the backward divides by u >= θ)", "2")
     decay: float = param(0.9, "membrane decay λ = 1 - dt/τ per step, in [0, 1]", "2 step 3")
-    alpha: float = param(0.2, "BPTA residual factor α of the reset derivative (>= 0)", "5.1, Eq. 10")
+    alpha: float = param(0.2, "BPTA residual factor α of the reset derivative (>= 0)",
+                         "5.1, Eq. 10")
     adjust: str = param("bpsta", "backward of the ablation (Table 4): 'bpsta' = BPSA + BPTA, "
                         "'bpsa' = BPSA alone (α taken as 0), 'baseline' = rectangular surrogate "
                         "1[|u - v_th| < 0.5] with gradient through the reset (α unused)",
@@ -165,7 +166,7 @@ def baseline_backward(e, u, o, I, relu, v_th, decay):
     """Spec 5.3 limit (code SGLIFNode, the ablation's "Baseline"), reverse in t, ε[T+1] = 0:
 
     h[t] = 1[|u[t] - θ| < 0.5]                                   (rectangular surrogate)
-    ε[t] = h[t]·e[t] + λ·[(1 - o[t]) - u[t]·h[t]]·ε[t+1]          (reset r = u·(1 - o), o not detached)
+    ε[t] = h[t]·e[t] + λ·[(1 - o[t]) - u[t]·h[t]]·ε[t+1]    (r = u·(1 - o), o not detached)
     δ[t] = ε[t]·1[I[t] > 0] if ``relu`` else ε[t]
 
     h is an APPROXIMATION of dH/du; the rest is the exact chain rule of r = u·(1 - o(u)).
@@ -397,7 +398,7 @@ class BatchNorm2d(Layer):
         return (np.repeat(self.running_mean[None], T, 0), np.repeat(self.running_var[None], T, 0))
 
     def forward(self, x, train: bool = False, update: bool = True):
-        """B[t] for x = Z (T, B, C, H, W); ``train`` uses (and, if ``update``, records) batch stats."""
+        """B[t] for x = Z (T, B, C, H, W); ``train``: batch statistics, recorded if ``update``."""
         Z = self._flat(x)
         mu, var = self.stats(x, train)
         if train and update:
@@ -445,7 +446,7 @@ class MaxPool2d(Layer):
         return maxpool_forward(self._rows(x), self.k)[1].reshape(x.shape[:2] + self.out_shape)
 
     def forward(self, x, index=None):
-        """P for x (T, B, C, H, W); with a given ``index`` the selection is frozen (spec 6.1 check)."""
+        """P for x (T, B, C, H, W); a given ``index`` freezes the selection (spec 6.1 check)."""
         if index is None:
             P, _ = maxpool_forward(self._rows(x), self.k)
             return P.reshape(x.shape[:2] + self.out_shape)
@@ -553,7 +554,7 @@ class BPSTA(Method):
         return MaxPool2d(in_shape, k)
 
     def has_neurons(self, layer) -> bool:
-        """Neurons sit after the last linear map of a block: the BN of a conv block if it has one."""
+        """Neurons sit after the last linear map of a block: a conv block's BN if it has one."""
         if layer.kind == "conv":
             return not getattr(layer, "followed_by_bn", False)
         return layer.kind in ("dense", "batchnorm")
@@ -635,7 +636,8 @@ class BPSTA(Method):
         y = np.asarray(target, dtype=np.float64)
         if y.shape != (C,):
             raise ShapeError(f"bpsta: target has shape {y.shape}; it is the desired rate of each "
-                             f"of the C = {C} classes after voting and time averaging, shape ({C},)")
+                             f"of the C = {C} classes after voting and time averaging, "
+                             f"shape ({C},)")
         return y[None]
 
     def fd_objective(self, p, layers, x, target):

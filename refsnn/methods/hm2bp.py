@@ -45,7 +45,7 @@ from ..errors import ConfigError, ShapeError
 from .base import Method, Params, Trace, check_range, param, per_layer
 
 # ============================================================================================
-# 1. Parameters (spec 5.12; refsnn names of shared/spec/README.md)
+# 1. Parameters (spec 5.12; refsnn names of docs/spec/README.md)
 # ============================================================================================
 
 

@@ -47,7 +47,7 @@ METHOD = "spikebp"
 
 @dataclass(frozen=True)
 class SpikeBPParams(Params):
-    """Hyper-parameters of spike-based BP (spec 5.5; names per shared/spec/README.md)."""
+    """Hyper-parameters of spike-based BP (spec 5.5; names per docs/spec/README.md)."""
 
     METHOD = METHOD
     decay: float = param(0.99, "λ, per-step membrane decay of the hidden and output layers "
