@@ -11,10 +11,9 @@ from hypothesis import HealthCheck, assume, given, settings, strategies as st
 from refsnn import gradcheck
 from refsnn.config import TrainConfig
 from refsnn.errors import ConfigError, DataError, ShapeError
-from refsnn.layers import Dense
 from refsnn.methods import get_method
 from refsnn.methods.bpsta import (BPSTA, BPSTAParams, BatchNorm2d, MaxPool2d, bpsta_backward,
-                                  lif_forward, surrogate_loss, vote_mse)
+                                  surrogate_loss, vote_mse)
 from refsnn.network import Network, parse_arch
 from refsnn.oracle import run_case
 
@@ -302,7 +301,7 @@ def test_batchnorm_backward_against_finite_differences(T, B, C, H, train, seed):
 
 
 def test_batchnorm_statistics_and_running_update():
-    """Spec 5.4: per-step batch statistics (biased), T running updates with the unbiased variance."""
+    """Spec 5.4: per-step batch statistics (biased); T running updates (unbiased variance)."""
     rng = np.random.default_rng(0)
     bn = BatchNorm2d((2, 3, 3))
     x = rng.normal(1.0, 2.0, (3, 4, 2, 3, 3))
