@@ -22,6 +22,8 @@ Workloads (one training step each; mnist10k digits, Bernoulli rate code, as `ref
 
   stbp-default   the default run of `refsnn train --method stbp`: 784-400-10, T 8, batch 50, f64
   stbp-mlp5      784-400-400-10, T 5, batch 64, f64 (the peers' MLP config, issue 12)
+  stbp-mlp25     784-400-400-10, T 25, batch 64, f64
+  ...-f32        the same in float32
   stbp-conv5     28x28x1-15c5-a2-40c5-a2-300-10, T 5, batch 64, f64 (the peers' conv config)
   <m>-default    the default run of each other method (tsslbp, spikebp, bpsta, hm2bp)
 
@@ -34,6 +36,8 @@ start of each child is recorded.
     python benchmarks/bench_threads.py                      # all policies x 3 stbp workloads x 3 rounds
     python benchmarks/bench_threads.py --workloads stbp-default,tsslbp-default --rounds 5
     python benchmarks/bench_threads.py --cli                # plus one short `refsnn train` per policy
+    python benchmarks/bench_threads.py --policies n2b1-passive --dense-modes gemm,auto
+                                            # the event-driven dense kernels against the GEMM
 """
 
 from __future__ import annotations
@@ -65,7 +69,12 @@ POLICIES = {
 
 WORKLOADS = {  # name -> (method, TrainConfig overrides on top of the method's defaults)
     "stbp-default": ("stbp", {}),
+    "stbp-default-f32": ("stbp", dict(dtype="float32")),
     "stbp-mlp5": ("stbp", dict(arch="784-400-400-10", T=5, batch_size=64)),
+    "stbp-mlp5-f32": ("stbp", dict(arch="784-400-400-10", T=5, batch_size=64, dtype="float32")),
+    "stbp-mlp25": ("stbp", dict(arch="784-400-400-10", T=25, batch_size=64)),
+    "stbp-mlp25-f32": ("stbp", dict(arch="784-400-400-10", T=25, batch_size=64,
+                                    dtype="float32")),
     "stbp-conv5": ("stbp", dict(arch="28x28x1-15c5-a2-40c5-a2-300-10", T=5, batch_size=64)),
     "tsslbp-default": ("tsslbp", {}),
     "spikebp-default": ("spikebp", {}),
@@ -77,8 +86,12 @@ WORKLOADS = {  # name -> (method, TrainConfig overrides on top of the method's d
 # ----------------------------------------------------------------------------------------------
 # child: time one workload's training step in this process's threading setting
 
-def child(workload: str, min_time: float, min_iters: int, warmup: int) -> dict:
+def child(workload: str, min_time: float, min_iters: int, warmup: int,
+          dense_mode: str = "auto") -> dict:
     import numpy as np
+
+    from refsnn.kernels import dense
+    dense.MODE = dense_mode
 
     from refsnn.config import TrainConfig
     from refsnn.methods import get_method
@@ -121,7 +134,7 @@ def child(workload: str, min_time: float, min_iters: int, warmup: int) -> dict:
         cpus.append(time.process_time() - c0)
         k += 1
     import numba
-    return {"workload": workload, "batch": B, "steps": len(walls),
+    return {"workload": workload, "dense": dense_mode, "batch": B, "steps": len(walls),
             "step_ms": 1e3 * statistics.median(walls), "step_min_ms": 1e3 * min(walls),
             "cpu_ms": 1e3 * statistics.median(cpus), "samples_per_s": B / statistics.median(walls),
             "load1": load, "threading_layer": _layer(numba), "numba_threads": numba.get_num_threads()}
@@ -181,12 +194,16 @@ def main():
     ap.add_argument("--min-iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--cli", action="store_true", help="also time a 1-epoch `refsnn train` per policy")
+    ap.add_argument("--dense-modes", default="auto",
+                    help="refsnn.kernels.dense.MODE values to compare (auto: events when sparse; "
+                         "gemm: always the GEMM)")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--json", default=str(HERE / "results_threads.json"))
     a = ap.parse_args()
 
     if a.child:
-        print("RESULT " + json.dumps(child(a.child, a.min_time, a.min_iters, a.warmup)), flush=True)
+        print("RESULT " + json.dumps(child(a.child, a.min_time, a.min_iters, a.warmup,
+                                           a.dense_modes)), flush=True)
         return
     if a.cli_child:
         print("RESULT " + json.dumps(cli_child(Path(a.cli_child))), flush=True)
@@ -199,20 +216,23 @@ def main():
     for name in workloads:
         if name not in WORKLOADS:
             sys.exit(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
-    jobs = [(w, pol) for w in workloads for pol in policies]
+    modes = a.dense_modes.split(",")
+    jobs = [(w, pol, m) for w in workloads for pol in policies for m in modes]
     if a.cli:
-        jobs += [("cli", pol) for pol in policies]
+        jobs += [("cli", pol, "auto") for pol in policies]
     results = []
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.rounds):
-            for w, pol in (jobs if r % 2 == 0 else jobs[::-1]):
+            for w, pol, m in (jobs if r % 2 == 0 else jobs[::-1]):
                 if w == "cli":
                     args = ["--cli-child", str(Path(tmp) / f"{pol}-{r}")]
                 else:
                     args = ["--child", w, "--min-time", str(a.min_time), "--min-iters",
-                            str(a.min_iters), "--warmup", str(a.warmup)]
+                            str(a.min_iters), "--warmup", str(a.warmup), "--dense-modes", m]
                 res = spawn(pol, args, a.timeout)
+                if len(modes) > 1:
+                    res["policy"] = f"{pol} dense={m}"
                 res.setdefault("workload", "cli-stbp-1epoch" if w == "cli" else w)
                 res["round"] = r
                 results.append(res)
@@ -221,7 +241,8 @@ def main():
            "cpus": os.cpu_count(), "python": sys.version.split()[0],
            "total_s": time.time() - t0}
     Path(a.json).write_text(json.dumps(doc, indent=1))
-    print(table(results, policies))
+    names = list(dict.fromkeys(r["policy"] for r in results))
+    print(table(results, names))
     print(f"\n{len(results)} children, {time.time() - t0:.0f} s; results in {a.json}")
 
 

@@ -25,7 +25,7 @@ from numba import njit, prange
 
 #: Largest input density (fraction of ones) at which the event path is used, per dtype; above
 #: it the GEMM is faster. Measured by benchmarks/bench_dense.py (see benchmarks/README.md).
-MAX_DENSITY = {np.dtype(np.float64): 0.15, np.dtype(np.float32): 0.20}
+MAX_DENSITY = {np.dtype(np.float64): 0.20, np.dtype(np.float32): 0.25}
 
 #: Smallest output width for the event path: rows of Wᵀ narrower than this are too short to
 #: vectorise well, and the GEMM of such a layer is cheap anyway (perf_notes technique 9).
