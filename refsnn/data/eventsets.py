@@ -381,16 +381,8 @@ def synth_cache_dir() -> Path:
 
 
 def event_search_dirs(name: str, data_dir=None) -> list[tuple[Path, str]]:
-    entry = EVENT_SETS[name]
-    dirs = []
-    if data_dir is not None:
-        d = Path(data_dir)
-        dirs.append((d, "--data-dir"))
-        dirs += [(d / s, "--data-dir") for s in entry.subfolders]
-    env = os.environ.get(ENV_VAR)
-    if env:
-        dirs += [(Path(env) / s, f"${ENV_VAR}") for s in entry.subfolders]
-    dirs += [(Path("data") / s, "./data") for s in entry.subfolders]
+    from refsnn.data.registry import lookup_dirs
+    dirs = lookup_dirs(EVENT_SETS[name].subfolders, data_dir)
     if name == "nmnist-synth":
         dirs.append((synth_cache_dir(), "cache"))
     return dirs

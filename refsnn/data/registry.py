@@ -254,18 +254,24 @@ def _load_folder(name: str, folder: Path, n_classes: int | None) -> Dataset:
     return Dataset(name, trx, try_, tex, tey, int(n_classes), tuple(int(s) for s in shape))
 
 
-def _search_dirs(name: str, data_dir) -> list[tuple[Path, str]]:
-    """[(folder, why it is looked at)] in lookup order."""
-    entry = _REGISTRY[name]
+def lookup_dirs(subfolders, data_dir) -> list[tuple[Path, str]]:
+    """[(folder, why it is looked at)]: --data-dir itself and its subfolders, then
+    $REFSNN_DATA/<sub>, then ./data/<sub> (the order every dataset, image or event, follows)."""
     dirs = []
     if data_dir is not None:
         d = Path(data_dir)
         dirs.append((d, "--data-dir"))
-        dirs += [(d / s, "--data-dir") for s in entry.subfolders]
+        dirs += [(d / s, "--data-dir") for s in subfolders]
     env = os.environ.get(ENV_VAR)
     if env:
-        dirs += [(Path(env) / s, f"${ENV_VAR}") for s in entry.subfolders]
-    dirs += [(Path("data") / s, "./data") for s in entry.subfolders]
+        dirs += [(Path(env) / s, f"${ENV_VAR}") for s in subfolders]
+    dirs += [(Path("data") / s, "./data") for s in subfolders]
+    return dirs
+
+
+def _search_dirs(name: str, data_dir) -> list[tuple[Path, str]]:
+    """[(folder, why it is looked at)] in lookup order."""
+    dirs = lookup_dirs(_REGISTRY[name].subfolders, data_dir)
     if name == "fashion-mnist":
         dirs.append((DEBIAN_FASHION_MNIST, "Debian package dataset-fashion-mnist"))
     return dirs
