@@ -357,6 +357,8 @@ def datasets(data_dir):
     from .data import list_datasets
     for row in list_datasets(data_dir):
         where = row.location if row.found else "not found (see data/README.md)"
+        if not row.found and getattr(row, "how_to_get", None):
+            where = f"not found; {row.how_to_get}"
         click.echo(f"{row.name:<14} {row.description}\n{'':<14} {where}")
 
 

@@ -175,8 +175,8 @@ def test_missing_dataset_names_folders_and_fix(tmp_path, clean_lookup):
 
 def test_unknown_name_lists_valid_names():
     with pytest.raises(ConfigError) as err:
-        load_dataset("cifar10")
-    for name in ("mnist10k", "mnist", "fashion-mnist"):
+        load_dataset("imagenet")
+    for name in ("mnist10k", "mnist", "fashion-mnist", "cifar10", "cifar100"):
         assert name in str(err.value)
 
 

@@ -17,6 +17,8 @@ writes (``MNIST/raw``, ``FashionMNIST/raw``). data/README.md of the source tree 
 each set.
 Event sets (``nmnist``, ``nmnist-synth``, ``dvs-gesture``, ``cifar10-dvs``, ``shd``) are loaded
 by refsnn/data/eventsets.py as EventDatasets (``temporal = True``), same lookup order.
+``cifar10`` and ``cifar100`` are read from their binary releases by refsnn/data/cifar.py (same
+lookup order; a folder given by path that holds one loads too).
 """
 
 from __future__ import annotations
@@ -314,10 +316,14 @@ def load_dataset(name_or_folder, data_dir=None) -> Dataset:
         When a dataset cannot be found (the message lists the folders tried and how to get it)
         or its files are invalid.
     """
+    from refsnn.data.cifar import (CIFAR_SETS, holds_cifar, load_cifar, load_cifar_folder,
+                                   refuse_python_release)
     from refsnn.data.eventsets import EVENT_SETS, load_event_dataset
 
     if isinstance(name_or_folder, str) and name_or_folder in EVENT_SETS:
         return load_event_dataset(name_or_folder, data_dir)  # events: refsnn/data/eventsets.py
+    if isinstance(name_or_folder, str) and name_or_folder in CIFAR_SETS:
+        return load_cifar(name_or_folder, data_dir)          # refsnn/data/cifar.py
     if isinstance(name_or_folder, str) and name_or_folder in _REGISTRY:
         name = name_or_folder
         if name == _EMBEDDED:
@@ -341,15 +347,20 @@ def load_dataset(name_or_folder, data_dir=None) -> Dataset:
         os.altsep is not None and os.altsep in name_or_folder
     ) or name_or_folder.startswith(".")
     if path.is_dir():
+        cifar = holds_cifar(path) if _idx_files(path) is None else None
+        if cifar is not None:
+            return load_cifar_folder(path, cifar, label=str(path))
+        if _idx_files(path) is None:
+            refuse_python_release(path)          # a CIFAR pickle folder: say why, what instead
         return _load_folder(str(path), path, None)
     if looks_like_path:
         raise DataError(
             f"dataset folder {path} does not exist; pass a folder holding the four IDX files, or "
-            f"one of the names {', '.join(list(_REGISTRY) + list(EVENT_SETS))}"
+            f"one of the names {', '.join(list(_REGISTRY) + list(CIFAR_SETS) + list(EVENT_SETS))}"
         )
     raise ConfigError(
         f"unknown dataset {name_or_folder!r}; valid names: "
-        f"{', '.join(list(_REGISTRY) + list(EVENT_SETS))}, or a path to "
+        f"{', '.join(list(_REGISTRY) + list(CIFAR_SETS) + list(EVENT_SETS))}, or a path to "
         f"a folder holding the four IDX files"
     )
 
@@ -362,6 +373,7 @@ class DatasetInfo:
     description: str
     found: bool
     location: str | None  # the folder it would be loaded from, or None
+    how_to_get: str | None = None  # where to put the files, when not found
 
 
 def list_datasets(data_dir=None) -> list[DatasetInfo]:
@@ -379,6 +391,12 @@ def list_datasets(data_dir=None) -> list[DatasetInfo]:
             folder = _locate(name, data_dir)
             rows.append(DatasetInfo(name, entry.description, folder is not None,
                                     None if folder is None else str(folder)))
+    from refsnn.data.cifar import CIFAR_SETS, locate_cifar
+
+    for name, c_entry in CIFAR_SETS.items():
+        folder = locate_cifar(name, data_dir)
+        rows.append(DatasetInfo(name, c_entry.description, folder is not None,
+                                None if folder is None else str(folder), c_entry.how_to_get))
     from refsnn.data.eventsets import EVENT_SETS, locate_event_dataset
 
     for name, ev_entry in EVENT_SETS.items():
