@@ -74,7 +74,22 @@ FLAG_FIELDS = {
     "encoding": "encoding", "lr_schedule": "lr_schedule", "momentum": "momentum",
     "weight_decay": "weight_decay", "grad_clip": "grad_clip_norm", "n_train": "n_train",
     "n_test": "n_test", "init": "init", "binning": "binning",
+    "augment": "augment", "norm_mean": "norm_mean", "norm_std": "norm_std",
+    "dense_lr_scale": "dense_lr_scale",
 }
+
+
+def _floats(ctx, param, value):
+    """``--norm-mean 0.49,0.48,0.45`` -> (0.49, 0.48, 0.45); ``none`` -> () (clears a preset's)."""
+    if value is None:
+        return None
+    if value.strip().lower() in ("", "none"):
+        return ()
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give comma-separated numbers, one per channel, "
+                                 "e.g. 0.4914,0.4822,0.4465 (or none)") from None
 
 
 def parse_param_flags(pairs, method) -> dict:
@@ -163,6 +178,10 @@ def _default_out(method: str, dataset: str) -> Path:
 @click.option("--weight-decay", type=float)
 @click.option("--grad-clip", type=float, help="global grad-norm limit (0 = off).")
 @click.option("--init", help="weight init rule, where the method has several (e.g. torch, rownorm).")
+@click.option("--augment", help="training-batch augmentation, e.g. crop4,flip (none = off).")
+@click.option("--norm-mean", callback=_floats, help="per-channel mean, e.g. 0.4914,0.4822,0.4465.")
+@click.option("--norm-std", callback=_floats, help="per-channel std, e.g. 0.2023,0.1994,0.2010.")
+@click.option("--dense-lr-scale", type=float, help="lr factor for the dense layers (default 1).")
 @click.option("--n-train", type=int, help="stratified subset of the training set (0 = all).")
 @click.option("--n-test", type=int, help="stratified subset of the test set (0 = all).")
 @click.option("--param", "params", multiple=True, metavar="NAME=VALUE",

@@ -48,6 +48,10 @@ class TrainConfig:
     n_test: int = 0
     init: str = ""                   # "" = the method's own init rule; "torch" | "rownorm"
     params: dict = field(default_factory=dict)   # the method's hyper-parameters
+    augment: str = ""                # training batches: "crop4,flip" etc. (refsnn.data.augment)
+    norm_mean: tuple = ()            # per-channel (x - mean_c)/std_c after scaling to [0, 1]
+    norm_std: tuple = ()             #   (image sets, train and test; () = none)
+    dense_lr_scale: float = 1.0      # lr factor of the Dense layers' arrays (stbp cifar: 0.1)
 
     def __post_init__(self):
         def bad(msg):
@@ -70,6 +74,13 @@ class TrainConfig:
             bad(f"dtype {self.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             bad(f"betas={self.betas!r} must be two numbers in [0, 1)")
+        from .data.augment import check_norm, parse_augment
+        parse_augment(self.augment)
+        check_norm(self.norm_mean, self.norm_std)
+        v = self.dense_lr_scale
+        if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                or v <= 0):
+            bad(f"dense-lr-scale={v!r} must be a finite number > 0")
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":

@@ -97,6 +97,9 @@ def _flat(a: np.ndarray, what: str) -> np.ndarray:
 class Optimizer:
     """Base class: ``step(params, grads, lr)`` updates every array of ``params`` in place.
 
+    ``lr`` is one rate for all arrays, or a sequence of one rate per array (per-layer-group
+    rates, e.g. TrainConfig.dense_lr_scale); the step count k is shared either way.
+
     State: ``k`` (steps taken) and ``buffers``: name -> list of arrays shaped like the params.
     """
 
@@ -121,10 +124,13 @@ class Optimizer:
             if w.shape != self.shapes[i] or np.shape(g) != self.shapes[i]:
                 raise ValueError(f"{self.name}: array {i} has shape {w.shape} and gradient "
                                  f"{np.shape(g)}; the optimizer was built for {self.shapes[i]}")
+        lrs = [float(lr)] * len(params) if np.ndim(lr) == 0 else [float(v) for v in lr]
+        if len(lrs) != len(params):
+            raise ValueError(f"{self.name}: {len(lrs)} learning rates for {len(params)} arrays")
         self.k += 1
         for i, (w, g) in enumerate(zip(params, grads)):
             g = np.ascontiguousarray(g, dtype=w.dtype).reshape(-1)
-            self._update(i, _flat(w, f"parameter {i}"), g, float(lr))
+            self._update(i, _flat(w, f"parameter {i}"), g, lrs[i])
 
     def _update(self, i, w, g, lr):
         raise NotImplementedError

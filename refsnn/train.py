@@ -9,8 +9,9 @@
 
 Randomness: ONE ``numpy.random.Generator`` seeded by ``config.seed`` is used, in this order: the
 stratified subset (``n_train``/``n_test``), the weight initialisation, then per epoch the shuffle
-of the training set, per batch the input encoding and the method's training-time draws
-(dropout), then the encoding of the test set. Its state is saved with every checkpoint, so an
+of the training set, per batch the augmentation (``augment``: crop offsets, then flips;
+refsnn/data/augment.py), the input encoding and the method's training-time draws (dropout),
+then the encoding of the test set. Its state is saved with every checkpoint, so an
 interrupted run resumed from its last checkpoint ends with the same weights, bit for bit, as an
 uninterrupted one (same machine, same thread count).
 
@@ -218,13 +219,21 @@ def encode_batch(config: TrainConfig, x01, rng, dtype):
     return encode(config.encoding, x01, config.T, rng, dtype, **dict(config.encoding_kw))
 
 
-def batch_input(config: TrainConfig, ds, split: str, idx, rng, dtype):
-    """Network input (T, B, *shape) of samples ``idx``: an image set is encoded; an event set
-    (``ds.temporal``, refsnn/data/eventsets.py) bins its recordings into T frames instead."""
+def batch_input(config: TrainConfig, ds, split: str, idx, rng, dtype, train: bool = False):
+    """Network input (T, B, *shape) of samples ``idx``: an image set is encoded (augmented
+    first when ``train`` and ``config.augment``, normalised per channel when
+    ``config.norm_mean``); an event set (``ds.temporal``, refsnn/data/eventsets.py) bins its
+    recordings into T frames instead."""
     if getattr(ds, "temporal", False):
+        if config.augment or config.norm_mean:
+            raise ConfigError(f"{ds.name!r} is an event set: augment and norm-mean/norm-std "
+                              "apply to image sets only; leave them empty")
         binning = config.binning or None      # None: the set's own binning
         return ds.frames(split, idx, config.T, dtype, binning=binning)
-    return encode_batch(config, ds.x01(split, idx, dtype), rng, dtype)
+    from .data.augment import images01
+    x = images01(ds, split, idx, rng, dtype, augment=config.augment if train else "",
+                 mean=config.norm_mean, std=config.norm_std)
+    return encode_batch(config, x, rng, dtype)
 
 
 def evaluate(net, ds, config: TrainConfig, rng, split: str = "test", batch_size=None) -> float:
@@ -301,6 +310,9 @@ def train(config: TrainConfig, method: str, out_dir, *, resume: bool = False,
     names = net.param_names()
     spiking = net.spiking_layers()
     layer_of = [li for li, layer in enumerate(net.layers) for _ in layer.params]
+    from .layers import Dense
+    lr_scale = [config.dense_lr_scale if isinstance(layer, Dense) else 1.0
+                for layer in net.layers for _ in layer.params]    # per array (dense_lr_scale)
     dtype = np.dtype(config.dtype)
     prog = Progress(progress, quiet, config.epochs)
 
@@ -341,7 +353,7 @@ def train(config: TrainConfig, method: str, out_dir, *, resume: bool = False,
         for b, s in enumerate(range(0, n, B)):
             idx = order[s:s + B]
             labels = ds.train_y[idx]
-            x = batch_input(config, ds, "train", idx, rng, dtype)
+            x = batch_input(config, ds, "train", idx, rng, dtype, train=True)
             target = net.make_target(labels, config.T)
             loss, grads, trace = net.loss_and_grads(x, target, train=True, rng=rng)
             _check_finite_loss(loss, e1, b + 1, lr, out)
@@ -351,7 +363,8 @@ def train(config: TrainConfig, method: str, out_dir, *, resume: bool = False,
             gnorm_sums += np.sqrt(sq)                         # per-layer norm, this batch
             if config.grad_clip_norm > 0:
                 grads, _ = clip_grad_norm(grads, config.grad_clip_norm)
-            opt.step(net.params(), grads, lr)
+            opt.step(net.params(), grads,
+                     lr if config.dense_lr_scale == 1.0 else [lr * f for f in lr_scale])
             m.post_update(p, net.layers)
             _check_finite_weights(net, names, e1, b + 1, lr, out)
             pred = np.argmax(m.scores(p, trace.states[-1]), axis=1)

@@ -471,9 +471,9 @@ class TSSLBP(Method):
                                        undesired_count=3.0)),
         "cifar10-cnn": dict(_common, dataset="cifar10",
                             arch="32x32x3-96c3p1-256c3p1-a2-384c3p1-a2-384c3p1-256c3p1-1024-1024-10",
-                            T=5, lr=2e-4, batch_size=50, epochs=150,
-                            encoding_kw=dict(mean=[[[0.4914]], [[0.4822]], [[0.4465]]],
-                                             std=[[[0.2023]], [[0.1994]], [[0.2010]]]),
+                            T=5, lr=2e-4, batch_size=50, epochs=150, encoding_kw={},
+                            norm_mean=(0.4914, 0.4822, 0.4465),      # spec 3: crop 4 + flip
+                            norm_std=(0.2023, 0.1994, 0.2010), augment="crop4,flip",
                             params=dict(tau_m=5.0, tau_s=3.0, dropout=0.2, conv_weight_scale=5.0)),
     }
     #: mnist10k, about 95.5% (benchmarks/runs/tsslbp.md): the HEAD method and training tricks,
