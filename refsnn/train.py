@@ -73,9 +73,17 @@ class Progress:
 
     def bar(self, epoch: int, done: int, total: int, t0: float, loss: float, acc: float,
             final: bool = False) -> None:
-        if not self.tty:
+        if self.stream is None:
             return
         now = time.perf_counter()
+        if not self.tty:
+            # a log file (nohup, a batch job): a plain line a minute, so long epochs show life
+            if not final and now - max(self._last, t0) >= 60.0:
+                self._last = now
+                self.say(f"  epoch {epoch}/{self.epochs}: {done}/{total} samples, "
+                         f"{done / max(now - t0, 1e-9):,.0f} samples/s, loss {loss:.4g}, "
+                         f"acc {100 * acc:.1f}%")
+            return
         if not final and now - self._last < 0.2:
             return
         self._last = now

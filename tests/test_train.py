@@ -1,6 +1,7 @@
 """refsnn.train: exact resume, run-folder rules, metrics, divergence, progress."""
 
 import io
+import time
 import json
 
 import numpy as np
@@ -175,11 +176,22 @@ def test_the_progress_bar_draws_only_on_a_terminal():
     tty, pipe = Tty(), io.StringIO()
     for stream in (tty, pipe):
         bar = T.Progress(stream, quiet=False, epochs=3)
-        bar.bar(2, 400, 800, t0=0.0, loss=0.25, acc=0.5, final=False)
+        bar.bar(2, 400, 800, t0=time.perf_counter(), loss=0.25, acc=0.5, final=False)
         bar.say("epoch 2/3 done")
     assert "\repoch 2/3 [############............] 400/800" in tty.getvalue()
     assert "samples/s" in tty.getvalue() and "acc 50.0%" in tty.getvalue()
     assert pipe.getvalue() == "epoch 2/3 done\n"
+
+
+def test_off_a_terminal_a_long_epoch_writes_a_plain_line_a_minute():
+    pipe = io.StringIO()
+    bar = T.Progress(pipe, quiet=False, epochs=3)
+    t0 = time.perf_counter() - 61.0                  # the epoch began over a minute ago
+    bar.bar(1, 300, 800, t0=t0, loss=0.5, acc=0.25)
+    bar.bar(1, 310, 800, t0=t0, loss=0.5, acc=0.25)  # within the minute: nothing more
+    lines = pipe.getvalue().splitlines()
+    assert len(lines) == 1 and "\r" not in pipe.getvalue()
+    assert lines[0].startswith("  epoch 1/3: 300/800 samples") and "acc 25.0%" in lines[0]
     silent = io.StringIO()
     T.Progress(silent, quiet=True, epochs=3).say("x")
     assert silent.getvalue() == ""
