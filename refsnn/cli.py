@@ -290,7 +290,10 @@ def gradcheck(method, arch, cases, steps, batch, params, seed):
     m = get_method(method)
     if cases < 1 or steps < 1 or batch < 1:
         raise ConfigError("--cases, --steps and --batch must be >= 1")
-    p = check_params(m, parse_param_flags(params, m))
+    p = check_params(m, {**m.gradcheck_params, **parse_param_flags(params, m)})
+    if m.gradcheck_params:
+        click.echo(f"gradcheck: {m.name} cases use " + ", ".join(
+            f"{k}={v}" for k, v in m.gradcheck_params.items()) + " unless --param says otherwise")
     rng = np.random.default_rng(seed)
     failed = 0
     for c in range(cases):
@@ -305,6 +308,8 @@ def gradcheck(method, arch, cases, steps, batch, params, seed):
             click.echo(f"gradcheck: {m.name} has no finite-difference objective "
                        "(Method.fd_objective); nothing was checked")
             sys.exit(1)
+        if c == 0 and chk.note:
+            click.echo(chk.note)
         rep = gc.check(chk.F, net.params(), chk.grads, h=chk.h, rtol=chk.rtol,
                        names=net.param_names(), scale="global")
         ok = rep.passed

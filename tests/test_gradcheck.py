@@ -45,3 +45,52 @@ def test_mask_limits_the_entries_and_float32_is_refused():
     assert fd[3] == pytest.approx(6.0, rel=1e-8)
     with pytest.raises(TypeError):
         gradcheck.central_fd(lambda: 0.0, [np.zeros(2, np.float32)])
+
+
+# ---- `refsnn gradcheck` end to end, every method ------------------------------------------------
+
+def _gradcheck_cli(method, *extra):
+    from click.testing import CliRunner
+
+    from refsnn.cli import main
+    return CliRunner().invoke(main, ["gradcheck", "--method", method, "--cases", "1", *extra],
+                              catch_exceptions=False)
+
+
+def _method_names():
+    from refsnn.methods import METHODS
+    return sorted(METHODS)
+
+
+@pytest.mark.parametrize("method", _method_names())
+def test_cli_gradcheck_passes_for_every_method(method):
+    res = _gradcheck_cli(method)
+    assert res.exit_code == 0, res.output
+    assert "1 of 1 cases passed" in res.output and "nothing was checked" not in res.output
+
+
+@pytest.mark.parametrize("method", _method_names())
+def test_cli_gradcheck_fails_when_the_backward_is_scaled(method, monkeypatch):
+    """A hand gradient off by 1% (far above every spec's rule) must fail the check."""
+    from refsnn.methods import get_method
+    cls = type(get_method(method))
+    hand = cls.backward
+
+    def scaled(self, *args, **kwargs):
+        return [[1.01 * g for g in (per or [])] for per in hand(self, *args, **kwargs)]
+
+    monkeypatch.setattr(cls, "backward", scaled)
+    res = _gradcheck_cli(method)
+    assert res.exit_code == 1, res.output
+    assert "FAILED" in res.output and "0 of 1 cases passed" in res.output
+
+
+def test_cli_gradcheck_says_in_one_line_what_hm2bp_checks():
+    """HM2-BP's gradient is not a derivative (spec 5.11): the CLI says what F is instead."""
+    res = _gradcheck_cli("hm2bp", "--arch", "7x7x1-2c3-a2-4-3", "--param", "w_lat=1",
+                         "--param", "lambda_reg=1.5", "--param", "beta_reg=0.3")
+    assert res.exit_code == 0, res.output
+    notes = [ln for ln in res.output.splitlines() if ln.startswith("hm2bp:")]
+    assert len(notes) == 1
+    assert "no finite-difference check" in notes[0] and "6.1 C3" in notes[0]
+    assert "W0" in res.output and "(2, 1, 3, 3)" in res.output           # the conv kernel

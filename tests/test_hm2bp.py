@@ -682,6 +682,41 @@ def test_C3_tangent_surrogate_conv_and_pool(seed, spsp, arch, side, ratio, w_lat
 
 
 @settings(deadline=None, max_examples=10)
+@given(seed=st.integers(0, 2**32 - 1), spsp=st.sampled_from(["discrete", "code"]),
+       arch=st.sampled_from(["7x7x1-2c3-a2-4-3", "6x6x2-2c3p1-a2-3", "5-4-3"]),
+       w_lat=st.sampled_from([0.0, 1.0]), reg=st.booleans())
+def test_fd_objective_is_the_C3_surrogate(seed, spsp, arch, w_lat, reg):
+    """Method.fd_objective (`refsnn gradcheck`): its F equals the reference surrogate above at
+    perturbed weights, equals the loss at W0, and its grads are the method's gradient."""
+    rng = np.random.default_rng(seed)
+    from refsnn.network import parse_arch
+    n_sp = len(parse_arch(arch)[1])
+    params = dict(spsp=spsp, tau_m=12.0, tau_s=3.0, t_ref=1, w_lat=w_lat, window=15,
+                  v_th=[float(v) for v in rng.uniform(0.6, 1.4, n_sp)], desired_count=6.0,
+                  undesired_count=1.0, margin=0.0, sample_weight=float(rng.uniform(0.5, 2)))
+    if reg:
+        params.update(lambda_reg=1.5, beta_reg=0.3, w_limit=3.0)
+    net, x = conv_net(rng, params, arch, B=2)
+    labels = rng.integers(0, 3, 2)
+    chk = net.method.fd_objective(net.p, net.layers, x, labels)
+    trace = net.forward(x)
+    grads = net.method.backward(net.p, net.layers, trace, labels)
+    assert chk.F() == pytest.approx(trace.loss, rel=1e-12, abs=1e-12)
+    for a, b in zip(chk.grads, [g for gl in grads for g in gl]):
+        np.testing.assert_array_equal(a, b)
+    W0s = [a.copy() for a in net.params()]
+    recs = []
+    for b in range(2):                         # the reference works on one sample at a time
+        recs.append({})
+        net.method.backward(net.p, net.layers, net.forward(x[:, b:b + 1]), labels[b:b + 1],
+                            record=recs[-1])
+    for a in net.params():
+        a += rng.normal(0, 0.3, a.shape)
+    want = sum(tangent_net(net.params(), W0s, rec, net.layers, net.p) for rec in recs)
+    assert chk.F() == pytest.approx(want, rel=1e-12, abs=1e-12)
+
+
+@settings(deadline=None, max_examples=10)
 @given(seed=st.integers(0, 2**32 - 1), arch=st.sampled_from(["7x7x1-2c3-a2-4-3",
                                                              "6x6x2-2c3p1-a3-3"]))
 def test_C5_tpsp_identity_in_conv_and_pool_layers(seed, arch):

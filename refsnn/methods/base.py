@@ -224,6 +224,7 @@ class Method:
     spiking_pool: bool = False    # do pooling layers carry neurons in this method?
     presets: dict = {}            # preset name -> dict of training options and params (spec 8)
     defaults: dict = {}           # the default run of `refsnn train --method NAME`
+    gradcheck_params: dict = {}   # params of `refsnn gradcheck`'s small cases (--param wins)
 
     # ---- per-method pieces -------------------------------------------------------------------
     def encode_input(self, p, x):
@@ -477,6 +478,7 @@ class FDCheck(NamedTuple):
     h: float = 1e-6         # central-difference step
     rtol: float = 1e-6      # pass: max|fd - an| <= rtol * max|an| (over all arrays)
     rule: str = ""          # where the rule is written, e.g. "stbp 6.2"
+    note: str = ""          # one line for the user: what F checks and what has no FD meaning
 
 
 class Ref(NamedTuple):

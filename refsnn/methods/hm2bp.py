@@ -905,6 +905,12 @@ class HM2BP(Method):
                     encoding_kw={"rate": 4.0 / 5.5, "first_step_silent": True},
                     params=dict(tau_m=16.0, tau_s=2.0, t_ref=0, v_th=(20.0, 8.0), w_lat=1.0))
 
+    #: `refsnn gradcheck` draws a few steps (T = 6) of a small network at HM2-BP's init: short
+    #: time constants, a low threshold and small target counts make every layer fire there (the
+    #: silent-target fix of 5.3 needs int(desired_count) <= T).
+    gradcheck_params = dict(tau_m=8.0, tau_s=2.0, t_ref=1, v_th=0.3, desired_count=3.0,
+                            undesired_count=1.0, margin=0.0)
+
     # ---- layers -------------------------------------------------------------------------------
     def make_pool(self, p, in_shape, k):
         return SpikingPool2d(in_shape, k)
@@ -985,8 +991,10 @@ class HM2BP(Method):
         return Trace(inputs=inputs, states=states, out=h)
 
     # ---- backward -----------------------------------------------------------------------------
-    def backward(self, p, layers, trace, target):
-        return self._backward(p, layers, trace, target)
+    def backward(self, p, layers, trace, target, record=None):
+        """5.10 over the whole chain; ``record`` (a dict), if given, receives the spec's "aux"
+        quantities (e, ρ, s, Λ, counts, mask, ...), batch-major."""
+        return self._backward(p, layers, trace, target, record)
 
     def neuron_backward(self, p, k, n_spiking, state, g, is_output):
         raise NotImplementedError("HM2-BP's backward works on spike-train-level quantities; "
@@ -1121,6 +1129,26 @@ class HM2BP(Method):
         trace.loss = float(E.sum()) + B * R_total
         return grads
 
+    # ---- the spec's finite-difference check ----------------------------------------------------
+    def fd_objective(self, p, layers, x, target):
+        """6.1 C3: F = the tangent surrogate Ẽ at the current weights (:func:`tangent_loss`),
+        grads = HM2-BP's gradient at the reference; Ẽ is quadratic in W, so central differences
+        are exact up to rounding (rule 1e-6 relative, h = 1e-4). It checks the exact pieces the
+        spec names, C1 (4.3) through õ^L and C2 (7.1), and the wiring of the backward recursion
+        (5.2, 5.5, 5.8, 5.9: indices, transposes, which count goes where), not the
+        approximations, which have no finite-difference meaning (5.11)."""
+        from .base import FDCheck
+        trace = self.forward(p, layers, x)
+        record = {}
+        grads = [g for per_layer in self.backward(p, layers, trace, target, record=record)
+                 for g in per_layer]
+        return FDCheck(F=tangent_loss(self, p, layers, record), grads=grads, h=1e-4, rtol=1e-6,
+                       rule="hm2bp 6.1 C3, tangent surrogate",
+                       note="hm2bp: the full gradient has no finite-difference check (counts "
+                       "are piecewise constant in W; 1/ν, ρ, (1+s) and Λ are approximations, spec "
+                       "5.11); F is the tangent surrogate of spec 6.1 C3 (e, ρ, s, Λ, mask "
+                       "frozen), which checks (4.3), (7.1) and the backward's wiring")
+
     # ---- the oracle ---------------------------------------------------------------------------
     def run_case(self, weights, inputs, *, label=None, target=None, biases=None, p=None):
         """One sample, float64, dense (5.12): spikes, loss = E + R, grads, and the quantities
@@ -1183,3 +1211,58 @@ class HM2BP(Method):
                           w_limit=float(rng.uniform(3.0, 8.0)))
         return {"weights": weights, "inputs": inputs, "label": int(rng.integers(sizes[-1])),
                 "params": params}
+
+
+# ============================================================================================
+# 10. The tangent surrogate of spec 6.1 (C3), for Method.fd_objective
+# ============================================================================================
+
+
+def tangent_loss(method: HM2BP, p: HM2BPParams, layers, record):
+    """6.1 C3: Ẽ(W) with e, ρ, s, Λ and the mask frozen at the reference weights W₀.
+
+    õ^0 = o^0 and õ^l = o^l + (1/ν_l)[((W^l - W₀^l)∘e^l)·1 ⊙ (1 + s^l) ⊙ Λ^l
+    + (W₀^l∘ρ^l)(õ^{l-1} - o^{l-1})] (Λ^l = 1 below the output; conv layers over their
+    receptive fields, 5.8; a pooling layer passes Σ ρ·(õ - o)/p² up, 5.9, with no ν), then
+    Ẽ = Σ_b ½ β_s Σ_i m_i (õ^L_i - y_i)² + B·R(W) (7.1). ``record`` is what
+    :meth:`HM2BP.backward` filled at W₀. Returns F(): Ẽ at the CURRENT values of the layers'
+    weights, equal to the loss at W₀.
+    """
+    spk = [layer for layer in layers if method.has_neurons(layer)]
+    nL = len(spk)
+    W0s = [layer.params[0].copy() if layer.params else None for layer in spk]
+    tables = [None if layer.kind == "dense" else method._table(layer) for layer in spk]
+    B = record["counts"][0].shape[0]
+
+    def F():
+        d = np.zeros_like(record["counts"][0])                      # õ^0 - o^0 = 0
+        R = 0.0
+        for pos, layer in enumerate(spk):
+            e, rho = record["e"][pos + 1], record["rho"][pos + 1]
+            if layer.kind not in ("dense", "conv"):                  # 5.9 pooling: no W, no ν
+                pre, _ = tables[pos]
+                d_pre = np.where(pre >= 0, d[:, pre], 0.0)           # (B, N, K)
+                d = (rho * d_pre).sum(axis=2) / float(layer.k * layer.k)
+                continue
+            W, W0 = layer.params[0], W0s[pos]
+            nu = per_layer(p.v_th, pos, nL, "v_th", method.name)
+            if layer.kind == "dense":
+                dw, w0, d_pre = (W - W0)[None], W0[None], d[:, None, :]
+            else:                                                     # 5.8: taps of the table
+                pre, widx = tables[pos]
+                inside = widx >= 0
+                dw = np.where(inside, (W - W0).reshape(-1)[widx], 0.0)[None]
+                w0 = np.where(inside, W0.reshape(-1)[widx], 0.0)[None]
+                d_pre = np.where(pre >= 0, d[:, pre], 0.0)
+            lam = record["lat_factor"] if pos == nL - 1 else 1.0
+            d = ((dw * e).sum(axis=2) * (1.0 + record["side"][pos + 1]) * lam
+                 + (w0 * rho * d_pre).sum(axis=2)) / nu
+            if p.lambda_reg != 0.0:
+                W2 = np.ascontiguousarray(W.reshape(W.shape[0], -1), dtype=np.float64)
+                R += regulariser(W2, float(p.lambda_reg), float(p.beta_reg), float(p.w_limit),
+                                 np.zeros(W2.shape))
+        o = record["counts"][nL] + d
+        E = 0.5 * float(p.sample_weight) * np.sum(record["mask"] * (o - record["targets"]) ** 2)
+        return float(E + B * R)
+
+    return F
