@@ -302,7 +302,8 @@ def train(config: TrainConfig, method: str, out_dir, *, resume: bool = False,
         if ck.method != m.name:
             raise ConfigError(f"{out} holds a {ck.method} run; resume it with --method "
                               f"{ck.method}")
-        diff = _differences(json.loads(json.dumps(to_jsonable(ck.config), sort_keys=True)),
+        saved = {**TrainConfig().as_dict(), **ck.config}   # an option newer than the run: default
+        diff = _differences(json.loads(json.dumps(to_jsonable(saved), sort_keys=True)),
                             record["config"])
         if diff:
             raise ConfigError(f"--resume: the options differ from the saved run in {out} "

@@ -298,3 +298,22 @@ def test_cli_preset_runs_on_a_fake_cifar(tmp_path, monkeypatch):
     assert cfg["augment"] == "none" and cfg["norm_mean"] == [0.5]
     res = CliRunner().invoke(main, ["train", "--method", "stbp", "--norm-mean", "a,b"])
     assert res.exit_code == 2 and "comma-separated" in res.output
+
+
+def test_a_run_saved_before_the_data_options_existed_still_resumes(tmp_path, monkeypatch):
+    one = AUG.merged({"augment": "", "norm_mean": (), "norm_std": (), "encoding": "bernoulli",
+                      "epochs": 1})
+    real = T.save_checkpoint
+
+    def as_older_refsnn(path, net, config, **kw):        # a config without the new options
+        cfg = {k: v for k, v in config.as_dict().items()
+               if k not in ("augment", "norm_mean", "norm_std", "dense_lr_scale")}
+        return real(path, net, cfg, **kw)
+
+    monkeypatch.setattr(T, "save_checkpoint", as_older_refsnn)
+    T.train(one, "stbp", tmp_path / "old", quiet=True)
+    monkeypatch.undo()
+    from refsnn.checkpoint import load_checkpoint
+    assert "augment" not in load_checkpoint(tmp_path / "old" / "checkpoint.h5").config
+    report = T.train(one.merged({"epochs": 2}), "stbp", tmp_path / "old", resume=True, quiet=True)
+    assert report["epochs"] == 2
