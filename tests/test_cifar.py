@@ -229,7 +229,7 @@ def test_truncated_wrong_size_empty_and_label_out_of_range(tmp_path):
 @settings(deadline=None, max_examples=120, suppress_health_check=TMP_OK)
 @given(name=st.sampled_from(["cifar10", "cifar100"]), data=st.data())
 def test_random_damage_gives_the_records_or_a_data_error(tmp_path, name, data):
-    """Flip, insert, delete or cut bytes: either what the bytes say, or a DataError naming the file."""
+    """Flip, insert, delete or cut bytes: what the bytes say, or a DataError naming the file."""
     rng = np.random.default_rng(6)
     lb = 1 if name == "cifar10" else 2
     labels = [3, 0, 7]

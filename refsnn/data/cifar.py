@@ -75,7 +75,8 @@ class _Cifar:
 
 CIFAR_SETS = {
     "cifar10": _Cifar(
-        "cifar10", "CIFAR-10 colour images, 10 classes, 50,000 train / 10,000 test (Krizhevsky 2009)",
+        "cifar10",
+        "CIFAR-10 colour images, 10 classes, 50,000 train / 10,000 test (Krizhevsky 2009)",
         10, 1, ("label",), (10,),
         tuple(f"data_batch_{i}.bin" for i in range(1, 6)), ("test_batch.bin",),
         "cifar-10-batches-bin", "cifar-10-binary.tar.gz",
