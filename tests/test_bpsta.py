@@ -563,3 +563,43 @@ def test_random_cases_run_and_cover_the_switches():
         assert len(out["grads"]) == len(case["weights"]) and np.isfinite(out["loss"])
         seen.add((case["params"]["adjust"], case["params"]["relu_current"]))
     assert len(seen) == 6
+
+
+@pytest.mark.parametrize("arch", ["12-8-6", "8x8x1-3c3p1-m2-6"])
+def test_ndropout_on_the_base_chain_replays_masks_has_an_adjoint_and_is_off_at_test(arch):
+    """NDropout (5.4, 7) through Method.input_mask: one mask M per sample on the output layer's
+    input, the same at every step, scaled by 1/(1 - p); replaying it reproduces the training
+    step; an input unit dropped for every sample gets no error (the adjoint); eval has none."""
+    net = Network.build(arch, "bpsta", {"n_classes": 3, "dropout": 0.6}, seed=1)
+    rng = np.random.default_rng(2)
+    for a in net.params():
+        a[...] += rng.normal(0.1, 0.3, a.shape)
+    T, B = 5, 4
+    x = (rng.random((T, B) + net.in_shape) < 0.6).astype(np.float64)
+    y = net.make_target([0, 2, 1, 2], T)
+    loss, grads, tr = net.loss_and_grads(x, y, train=True, rng=np.random.default_rng(3))
+    masks = tr.extra["dropout_masks"]
+    out_li = len(net.layers) - 1
+    assert list(masks) == [out_li]
+    M_ = masks[out_li]
+    assert M_.shape == (1, B) + net.layers[out_li].in_shape            # one mask per sample
+    assert set(np.unique(M_)) <= {0.0, 1 / 0.4} and 0 < np.mean(M_ > 0) < 1
+    assert np.all(tr.inputs[out_li][np.broadcast_to(M_ == 0, tr.inputs[out_li].shape)] == 0)
+    # replay: the given masks, no generator, reproduce the step bit for bit
+    trace = net.method.forward(net.p, net.layers, x, train=True, masks=masks)
+    grads2 = net.method.backward(net.p, net.layers, trace, y)
+    assert trace.loss == loss
+    for g1, g2 in zip(grads, [g for gl in grads2 for g in (gl or [])]):
+        np.testing.assert_array_equal(g1, g2)
+    if arch == "12-8-6":        # adjoint: a hidden unit dropped for every sample gets no error
+        Md = np.ones((1, B, 8)) / 0.4
+        Md[..., 3] = 0.0
+        tr3 = net.method.forward(net.p, net.layers, x, train=True, masks={out_li: Md})
+        g3 = net.method.backward(net.p, net.layers, tr3, y)
+        assert np.all(g3[0][0][3] == 0) and g3[0][1][3] == 0 and np.any(g3[0][0] != 0)
+    # eval: no masks, and the generator is not read
+    ev = net.forward(x)
+    assert "dropout_masks" not in ev.extra and not ev.train
+    r = np.random.default_rng(5)
+    net.method.forward(net.p, net.layers, x, train=False, rng=r)
+    assert r.random() == np.random.default_rng(5).random()

@@ -201,13 +201,14 @@ class Trace:
 
     ``inputs[l]`` is what layer l read (T, B, *in_shape); ``states[l]`` the neuron state of layer
     l (None for a layer without neurons); ``out`` what the last layer emits; ``loss`` is filled
-    by :meth:`Method.backward` (or the loss call).
+    by :meth:`Method.backward` (or the loss call); ``train`` is the mode of the forward pass.
     """
     inputs: list
     states: list
     out: np.ndarray
     loss: float | None = None
     extra: dict = field(default_factory=dict)
+    train: bool = False
 
     @property
     def spiking_states(self) -> list:
@@ -311,6 +312,8 @@ class Method:
         input of a layer from ``rng``; ``masks`` ({layer index: mask}) replays given masks
         instead (the finite-difference checks). Masks used are kept in
         ``trace.extra["dropout_masks"]`` and applied again, as adjoints, by :meth:`backward`.
+        A layer with ``train_mode = True`` (BatchNorm: batch or running statistics) gets
+        ``train=`` in its forward and backward.
         """
         T, B = x.shape[:2]
         n_spiking = sum(self.has_neurons(layer) for layer in layers)
@@ -325,7 +328,7 @@ class Method:
             if li in used:
                 h = h * used[li]
             inputs.append(h)
-            I = layer.forward(h)
+            I = layer.forward(h, **_mode(layer, train))
             if self.has_neurons(layer):
                 is_output = k == n_spiking - 1
                 st = self.neuron_forward(p, k, n_spiking, I.reshape(T, B, -1), is_output)
@@ -335,7 +338,7 @@ class Method:
             else:
                 states.append(None)
                 h = I
-        trace = Trace(inputs=inputs, states=states, out=h)
+        trace = Trace(inputs=inputs, states=states, out=h, train=bool(train))
         if used:
             trace.extra["dropout_masks"] = used
         return trace
@@ -352,6 +355,7 @@ class Method:
         for li in range(len(layers) - 1, -1, -1):
             layer, st = layers[li], trace.states[li]
             need_down = li > 0
+            mode = _mode(layer, trace.train)
             if st is not None:
                 k -= 1
                 res = self.neuron_backward(p, k, n_spiking, st, g.reshape(T, B, -1),
@@ -364,21 +368,22 @@ class Method:
                 e_w = e_w.reshape(shape)
                 g_x, grads[li] = self.layer_backward(layer, e_w, e_w if same else
                                                      e_down.reshape(shape), trace.inputs[li],
-                                                     need_down)
+                                                     need_down, **mode)
             else:
-                g_x, grads[li] = layer.backward(g, trace.inputs[li], need_input_grad=need_down)
+                g_x, grads[li] = layer.backward(g, trace.inputs[li], need_input_grad=need_down,
+                                                **mode)
             if li in masks and g_x is not None:
                 g_x = g_x * masks[li]                                   # dropout adjoint
             g = g_x
         return grads
 
     @staticmethod
-    def layer_backward(layer, e_w, e_down, x, need_down):
+    def layer_backward(layer, e_w, e_down, x, need_down, **mode):
         """Weight grads from e_w; the error to the layer below from e_down (one pass if equal)."""
         if e_w is e_down or not need_down:
-            return layer.backward(e_w, x, need_input_grad=need_down)
-        _, grads = layer.backward(e_w, x, need_input_grad=False)
-        g_x, _ = layer.backward(e_down, x, need_input_grad=True)
+            return layer.backward(e_w, x, need_input_grad=need_down, **mode)
+        _, grads = layer.backward(e_w, x, need_input_grad=False, **mode)
+        g_x, _ = layer.backward(e_down, x, need_input_grad=True, **mode)
         return g_x, grads
 
     # ---- the oracle --------------------------------------------------------------------------
@@ -459,6 +464,11 @@ class Method:
     def case_target(self, p, target, n_out: int, T: int):
         """The oracle's explicit ``target`` as a batch of one (methods check its shape)."""
         return np.asarray(target, dtype=np.float64)[None]
+
+
+def _mode(layer, train) -> dict:
+    """``train=`` for a layer whose map depends on the mode (``train_mode``), else nothing."""
+    return {"train": bool(train)} if getattr(layer, "train_mode", False) else {}
 
 
 def _one(a):

@@ -363,6 +363,7 @@ class BatchNorm2d(Layer):
     """
 
     kind = "batchnorm"
+    train_mode = True               # forward/backward take train= (the base chain passes it)
 
     def __init__(self, shape, dtype=np.float64):
         super().__init__()
@@ -584,6 +585,7 @@ class BPSTA(Method):
 
     def neuron_forward(self, p, k, n_spiking, I, is_output):
         relu = bool(p.relu_current) and not is_output          # output layer: never (spec 2)
+        I = np.ascontiguousarray(I)
         u, o = lif_forward(I, relu, float(p.v_th), float(p.decay), bool(p.fire_on_equal))
         return LIFState(out=o, spikes=o, I=I, u=u)
 
@@ -687,68 +689,23 @@ class BPSTA(Method):
             case["target"] = rng.uniform(0, 1, C)
         return case
 
-    # ---- forward and backward over the layers -------------------------------------------------
-    def forward(self, p, layers, x, *, train: bool = False, rng=None) -> Trace:
-        """Spec 2 per layer on all T·B rows; BN in training mode uses and records batch
-        statistics (5.4); NDropout multiplies the output layer's input by one mask M per sample,
-        the same at every step (5.4, 7)."""
-        T, B = x.shape[:2]
+    # ---- forward and backward: the base chain ----------------------------------------------------
+    def forward(self, p, layers, x, *, train: bool = False, rng=None, masks=None) -> Trace:
+        """Spec 2 per layer on all T·B rows (:meth:`Method.forward`); BN in training mode uses
+        and records batch statistics (5.4); NDropout is :meth:`input_mask`."""
         _mark_bn(layers)
-        n_spiking = sum(self.has_neurons(layer) for layer in layers)
-        out_li = len(layers) - 1
-        h, inputs, states, k = x, [], [], 0
-        trace_extra = {"train": bool(train)}
-        for li, layer in enumerate(layers):
-            if li == out_li and train and p.dropout > 0:
-                if rng is None:
-                    raise ConfigError("bpsta: dropout > 0 in training needs a random generator "
-                                      "(pass rng=numpy.random.default_rng(seed))")
-                keep = rng.random((B,) + h.shape[2:]) < 1.0 - p.dropout
-                M = (keep / (1.0 - p.dropout)).astype(h.dtype)
-                h = h * M[None]
-                trace_extra["dropout_mask"] = M
-            inputs.append(h)
-            I = layer.forward(h, train=train) if layer.kind == "batchnorm" else layer.forward(h)
-            if self.has_neurons(layer):
-                is_output = k == n_spiking - 1
-                st = self.neuron_forward(p, k, n_spiking, np.ascontiguousarray(I.reshape(T, B, -1)),
-                                         is_output)
-                states.append(st)
-                h = st.out.reshape((T, B) + tuple(layer.out_shape)) if not is_output else st.out
-                k += 1
-            else:
-                states.append(None)
-                h = I
-        return Trace(inputs=inputs, states=states, out=h, extra=trace_extra)
+        return super().forward(p, layers, x, train=train, rng=rng, masks=masks)
 
-    def backward(self, p, layers, trace: Trace, target) -> list:
-        """Loss, then per layer from the top: 5.2 (a)-(b) in the node, (c)-(d) in the layer."""
-        T, B = trace.inputs[0].shape[:2]
-        n_spiking = sum(st is not None for st in trace.states)
-        loss, g = self.loss(p, trace.states[-1], target)
-        trace.loss = loss
-        train = trace.extra.get("train", False)
-        M = trace.extra.get("dropout_mask")
-        grads = [None] * len(layers)
-        k = n_spiking
-        for li in range(len(layers) - 1, -1, -1):
-            layer, st = layers[li], trace.states[li]
-            need_down = li > 0
-            if st is not None:
-                k -= 1
-                e_w, _, extras = self.neuron_backward(p, k, n_spiking, st, g.reshape(T, B, -1),
-                                                      k == n_spiking - 1)
-                for key, value in extras.items():
-                    trace.extra.setdefault(key, [None] * n_spiking)[k] = value
-                g = e_w.reshape((T, B) + tuple(layer.out_shape))
-            if layer.kind == "batchnorm":
-                g_x, grads[li] = layer.backward(g, trace.inputs[li], need_down, train=train)
-            else:
-                g_x, grads[li] = layer.backward(g, trace.inputs[li], need_input_grad=need_down)
-            if li == len(layers) - 1 and M is not None and g_x is not None:
-                g_x = g_x * M[None]                     # error back through NDropout
-            g = g_x
-        return grads
+    def input_mask(self, p, li, k, n_spiking, layer, h, rng):
+        """NDropout (5.4, 7): the output layer's input times one mask M per sample, the same at
+        every step: M = 1[U(0,1) < 1 - dropout]/(1 - dropout), shape (1, B, *in_shape)."""
+        if p.dropout <= 0 or k != n_spiking - 1 or not self.has_neurons(layer):
+            return None
+        if rng is None:
+            raise ConfigError("bpsta: dropout > 0 in training needs a random generator "
+                              "(pass rng=numpy.random.default_rng(seed))")
+        keep = rng.random(h.shape[1:]) < 1.0 - p.dropout
+        return (keep / (1.0 - p.dropout)).astype(h.dtype)[None]
 
     def run_case(self, weights, inputs, *, label=None, target=None, biases=None, p=None) -> dict:
         """The oracle contract (one sample, float64, dense layers) with the spec's names (spec 2):
@@ -802,13 +759,13 @@ def surrogate_loss(method: BPSTA, p: BPSTAParams, layers, x, target, ref: Trace)
     T, B = x.shape[:2]
     states = [s for s in ref.states if s is not None]
     n_spiking = len(states)
-    train = ref.extra.get("train", False)
-    M = ref.extra.get("dropout_mask")
+    train = ref.train
+    masks = ref.extra.get("dropout_masks", {})
     alpha = p.alpha_eff
     h, k = x, 0
     for li, layer in enumerate(layers):
-        if li == len(layers) - 1 and M is not None:
-            h = h * M[None]
+        if li in masks:
+            h = h * masks[li]
         if layer.kind == "batchnorm":
             I = layer.forward(h, train=train, update=False)
         elif layer.kind == "maxpool":
