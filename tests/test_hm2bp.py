@@ -381,8 +381,9 @@ def test_C1_output_error_is_the_derivative_of_the_count_loss(seed, n, margin, be
     lab = np.array([int(rng.integers(n))])
     y = np.where(np.arange(n) == lab[0], 35.0, 5.0)
     assume(np.all(np.abs(np.abs(o[0] - y) - margin) > 1e-3))        # away from the kinks
-    E, _, _, g = count_loss(o, lab, 35.0, 5.0, margin, beta_s)
-    fd = central_fd(lambda: float(count_loss(o, lab, 35.0, 5.0, margin, beta_s)[0][0]), [o],
+    beta = np.array([beta_s])
+    E, _, _, g = count_loss(o, lab, 35.0, 5.0, margin, beta)
+    fd = central_fd(lambda: float(count_loss(o, lab, 35.0, 5.0, margin, beta)[0][0]), [o],
                     h=1e-5)[0]
     rep = compare([g], [fd], rtol=1e-7)
     assert rep.passed, rep
@@ -922,3 +923,56 @@ def test_spec_6_4_official_golden_update():
                                  for w, g, w1 in zip(W, out["grads"], W1))
     assert misses["code", True] < 1.5e-6                                # printing precision
     assert misses["discrete", True] > 1e-5 and misses["code", False] > 1e-4
+
+
+# ------------------------------------------------------------------------------------------------
+# boosting (spec 7): per-sample weights β_n and their epoch update
+# ------------------------------------------------------------------------------------------------
+
+def test_boost_weights_by_hand():
+    from refsnn.methods.hm2bp import boost_weights
+    labels = np.array([0, 0, 1, 1, 1])
+    beta = np.array([1.0, 3.0, 1.0, 1.0, 2.0])
+    wrong = np.array([True, False, True, True, False])
+    # err_0 = 1/(1+3) = 0.25, err_1 = (1+1)/(1+1+2) = 0.5; only wrong samples grow
+    want = [math.exp(0.25 / 20), 3.0, math.exp(0.5 / 20), math.exp(0.5 / 20), 2.0]
+    np.testing.assert_allclose(boost_weights(beta, labels, wrong, 3), want, rtol=1e-15)
+    np.testing.assert_array_equal(boost_weights(beta, labels, np.zeros(5, bool), 3), beta)
+    with pytest.raises(ShapeError, match="one value per training sample"):
+        boost_weights(beta, labels[:4], wrong, 3)
+
+
+@settings(deadline=None, max_examples=10)
+@given(case=dense_case(reg=False), B=st.integers(2, 4), seed=st.integers(0, 2**32 - 1))
+def test_per_sample_boosting_weights_scale_each_sample(case, B, seed):
+    """4.2-4.3 with β_s = sample_weight·β_n per sample: the batch loss and gradient are the sums
+    of the single-sample ones run with sample_weight·β_n; the surrogate check still holds."""
+    from refsnn import gradcheck
+    from refsnn.layers import Dense
+    from refsnn.methods.hm2bp import BoostedLabels
+    weights, _, _, params = case
+    rng = np.random.default_rng(seed)
+    T = 30
+    x = (rng.random((T, B, weights[0].shape[1])) < 0.4).astype(np.float64)
+    labels = rng.integers(0, weights[-1].shape[0], B)
+    beta = rng.uniform(0.0, 3.0, B)
+    p = HM2BPParams.from_dict(params)
+    layers = [Dense(w.copy()) for w in weights]
+    trace = METHOD.forward(p, layers, x)
+    grads = METHOD.backward(p, layers, trace, BoostedLabels(labels, beta))
+    loss, want = 0.0, [np.zeros_like(w) for w in weights]
+    for b in range(B):
+        out = oracle.run_case("hm2bp", weights, x[:, b], label=int(labels[b]),
+                              params=dict(params, sample_weight=p.sample_weight * beta[b]))
+        loss += out["loss"]
+        want = [a + g for a, g in zip(want, out["grads"])]
+    assert trace.loss == pytest.approx(loss, rel=1e-12, abs=1e-12)
+    for g, w in zip(grads, want):
+        np.testing.assert_allclose(g[0], w, rtol=1e-11, atol=1e-11 * max(1.0, np.abs(w).max()))
+    chk = METHOD.fd_objective(p, layers, x, BoostedLabels(labels, beta))
+    assert chk.F() == pytest.approx(trace.loss, rel=1e-12, abs=1e-12)
+    rep = gradcheck.check(chk.F, [l.params[0] for l in layers], chk.grads, h=chk.h,
+                          rtol=chk.rtol, scale="global")
+    assert rep.passed, rep
+    with pytest.raises(ConfigError, match="one per sample"):
+        METHOD.backward(p, layers, trace, BoostedLabels(labels, beta[:1]))

@@ -173,10 +173,11 @@ def lif_forward(I, tau_m, tau_s, t_ref, thr, w_lat):
 
 
 @njit(cache=True)
-def count_loss(o, labels, desired, undesired, margin, beta_s):
-    """4.1-4.3: y, the dead-zone mask m, E_b = ½ β_s Σ_i m_i (o_i - y_i)², g = β_s m (o - y).
+def count_loss(o, labels, desired, undesired, margin, beta):
+    """4.1-4.3: y, the dead-zone mask m, E_b = ½ β_b Σ_i m_i (o_i - y_i)², g = β_b m (o - y).
 
-    o : (B, N) output counts; labels : (B,) class indices. Returns E (B,), y, m, g (B, N).
+    o : (B, N) output counts; labels : (B,) class indices; beta : (B,) the boosting weight β_s
+    of each sample (4.2, 7). Returns E (B,), y, m, g (B, N).
     """
     B, N = o.shape
     y = np.empty((B, N))
@@ -189,8 +190,8 @@ def count_loss(o, labels, desired, undesired, margin, beta_s):
             d = o[b, i] - y[b, i]
             if abs(d) > margin:                                         # 4.2 dead zone
                 m[b, i] = 1.0
-                E[b] += 0.5 * beta_s * d * d
-                g[b, i] = beta_s * d                                    # 4.3
+                E[b] += 0.5 * beta[b] * d * d
+                g[b, i] = beta[b] * d                                   # 4.3
     return E, y, m, g
 
 
@@ -212,6 +213,32 @@ def fix_silent_target(S, o, labels, n_desired):
                 S_hat[t, b, lab] = 1.0
                 t += step
     return S_hat
+
+
+class BoostedLabels(NamedTuple):
+    """A batch target of class labels with each sample's boosting weight β_n (7), which
+    multiplies E and g^L of that sample (4.2, 4.3) on top of ``sample_weight``."""
+    labels: np.ndarray    # (B,) class indices
+    beta: np.ndarray      # (B,) β_n >= 0
+
+
+def boost_weights(beta, labels, wrong, n_classes: int):
+    """7 (``BOOST_METHOD``), after an epoch: per class c, err_c = Σ_{n∈c} β_n [wrong_n] /
+    Σ_{n∈c} β_n, then β_n <- β_n · exp(err_c/20 · [wrong_n]); never renormalised.
+
+    beta (N,) the weights of the training samples (start at 1), labels (N,), wrong (N,) bool:
+    the training-pass prediction of sample n was not its label. Returns the new β (N,).
+    """
+    beta = np.asarray(beta, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    wrong = np.asarray(wrong, dtype=bool)
+    if not beta.shape == labels.shape == wrong.shape or beta.ndim != 1:
+        raise ShapeError(f"boost_weights: beta {beta.shape}, labels {labels.shape} and wrong "
+                         f"{wrong.shape} must be one value per training sample")
+    tot = np.bincount(labels, weights=beta, minlength=n_classes)
+    bad = np.bincount(labels, weights=beta * wrong, minlength=n_classes)
+    err = np.divide(bad, tot, out=np.zeros_like(bad), where=tot > 0)
+    return beta * np.exp(err[labels] / 20.0 * wrong)
 
 
 # ============================================================================================
@@ -875,7 +902,9 @@ class HM2BP(Method):
 
     #: spec 8 (Config/*.txt of the official code). Not reproduced: the MLP runs there draw the
     #: Poisson trains once and reuse them (refsnn's trainer draws them per batch), the CNN run's
-    #: augmentation, the boosting of 7, and the 5000-swap shuffle (refsnn permutes).
+    #: augmentation, the boosting of 7 (the method takes per-sample weights, :class:`BoostedLabels`,
+    #: and :func:`boost_weights` is the epoch update, but the trainer keeps no weights), and the
+    #: 5000-swap shuffle (refsnn permutes).
     presets = {
         "mnist-mlp": dict(_PAPER_TRAIN, dataset="mnist", arch="784-800-10", T=400,
                           params=dict(_PAPER, v_th=(20.0, 8.0), lambda_reg=10.0, beta_reg=0.04,
@@ -941,12 +970,29 @@ class HM2BP(Method):
         raise ConfigError("hm2bp takes a class label (label=...), not a target: its targets are "
                           "the counts desired_count/undesired_count of spec 4.1")
 
+    def labels_and_weights(self, p, target, n_out, B):
+        """(labels, β) of a batch: ``target`` is the labels, or :class:`BoostedLabels` carrying
+        each sample's boosting weight β_n (7); β_s = sample_weight·β_n (4.2)."""
+        beta = None
+        if isinstance(target, BoostedLabels):
+            target, beta = target
+        labels = self.make_target(p, target, n_out, 0)
+        if labels.shape[0] != B:
+            raise ShapeError(f"{labels.shape[0]} labels for a batch of {B} samples")
+        if beta is None:
+            return labels, np.full(B, float(p.sample_weight))
+        beta = np.asarray(beta, dtype=np.float64)
+        if beta.shape != (B,) or not np.all(np.isfinite(beta)) or np.any(beta < 0):
+            raise ConfigError(f"hm2bp boosting weights must be {B} finite numbers >= 0, one per "
+                              f"sample; got {beta!r}")
+        return labels, float(p.sample_weight) * beta
+
     def loss(self, p, state, target):
         """4.2-4.3 on the batch: Σ_b E_b and g = ∂E/∂o (B, N) (no regulariser here)."""
         o = np.asarray(state.spikes).sum(axis=0).astype(np.float64)
-        labels = self.make_target(p, target, o.shape[1], state.spikes.shape[0])
+        labels, beta = self.labels_and_weights(p, target, o.shape[1], o.shape[0])
         E, _, _, g = count_loss(o, labels, float(p.desired_count), float(p.undesired_count),
-                                float(p.margin), float(p.sample_weight))
+                                float(p.margin), beta)
         return float(E.sum()), g
 
     def scores(self, p, state):
@@ -1030,12 +1076,10 @@ class HM2BP(Method):
         nL = len(spk)
         S_L = trace.states[spk[-1]].spikes.reshape(T, B, -1)
         n_out = S_L.shape[2]
-        labels = self.make_target(p, target, n_out, T)
-        if labels.shape[0] != B:
-            raise ShapeError(f"{labels.shape[0]} labels for a batch of {B} samples")
+        labels, beta = self.labels_and_weights(p, target, n_out, B)
         o_L = S_L.sum(axis=0).astype(np.float64)
         E, y, m, g = count_loss(o_L, labels, float(p.desired_count), float(p.undesired_count),
-                                float(p.margin), float(p.sample_weight))          # 4.2, 4.3
+                                float(p.margin), beta)                           # 4.2, 4.3
         nu_L = per_layer(p.v_th, nL - 1, nL, "v_th", self.name)
         lam = np.ones((B, n_out))
         if p.w_lat != 0.0:                                                       # 5.7
@@ -1050,7 +1094,7 @@ class HM2BP(Method):
                                   "lower desired_count, or set fix_target=false")
             S_hat = fix_silent_target(S_L, o_L, labels, n_des)
         if record is not None:
-            record.update(targets=y, mask=m, lat_factor=lam, S_post_out_fixed=S_hat)
+            record.update(targets=y, mask=m, lat_factor=lam, S_post_out_fixed=S_hat, beta=beta)
             for key in ("counts", "dE_do", "delta", "e", "rho", "side"):
                 record[key] = [None] * (nL + 1)
             record["counts"][nL] = o_L
@@ -1224,7 +1268,7 @@ def tangent_loss(method: HM2BP, p: HM2BPParams, layers, record):
     õ^0 = o^0 and õ^l = o^l + (1/ν_l)[((W^l - W₀^l)∘e^l)·1 ⊙ (1 + s^l) ⊙ Λ^l
     + (W₀^l∘ρ^l)(õ^{l-1} - o^{l-1})] (Λ^l = 1 below the output; conv layers over their
     receptive fields, 5.8; a pooling layer passes Σ ρ·(õ - o)/p² up, 5.9, with no ν), then
-    Ẽ = Σ_b ½ β_s Σ_i m_i (õ^L_i - y_i)² + B·R(W) (7.1). ``record`` is what
+    Ẽ = Σ_b ½ β_b Σ_i m_i (õ^L_i - y_i)² + B·R(W) (7.1). ``record`` is what
     :meth:`HM2BP.backward` filled at W₀. Returns F(): Ẽ at the CURRENT values of the layers'
     weights, equal to the loss at W₀.
     """
@@ -1262,7 +1306,7 @@ def tangent_loss(method: HM2BP, p: HM2BPParams, layers, record):
                 R += regulariser(W2, float(p.lambda_reg), float(p.beta_reg), float(p.w_limit),
                                  np.zeros(W2.shape))
         o = record["counts"][nL] + d
-        E = 0.5 * float(p.sample_weight) * np.sum(record["mask"] * (o - record["targets"]) ** 2)
+        E = 0.5 * np.sum(record["beta"][:, None] * record["mask"] * (o - record["targets"]) ** 2)
         return float(E + B * R)
 
     return F
