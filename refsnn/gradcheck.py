@@ -109,3 +109,18 @@ def check(f: Callable[[], float], arrays, analytic, h: float = 1e-6, rtol: float
           names=None, scale: str = "global") -> GradReport:
     """central_fd + compare in one call."""
     return compare(analytic, central_fd(f, arrays, h=h), names=names, rtol=rtol, scale=scale)
+
+
+def side_by_side(f: Callable[[], float], arrays, analytic, names, h: float = 1e-6,
+                 rtol: float = 1e-6, scale: str = "global", show=print) -> GradReport:
+    """central_fd of ``f``, shown beside the hand gradient array by array, then the report.
+
+    What the walkthroughs print in their "hand gradient vs finite differences" step; returns the
+    :class:`GradReport` (its ``passed`` is the spec's rule with ``h`` and ``rtol``).
+    """
+    numeric = central_fd(f, arrays, h=h)
+    for name, an, fd in zip(names, analytic, numeric):
+        show(f"  {name} hand:\n{np.asarray(an)}\n  {name} central differences (h = {h:g}):\n{fd}")
+    rep = compare(analytic, numeric, names=names, rtol=rtol, scale=scale)
+    show("  " + str(rep).replace("\n", "\n  "))
+    return rep

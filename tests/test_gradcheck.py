@@ -94,3 +94,15 @@ def test_cli_gradcheck_says_in_one_line_what_hm2bp_checks():
     assert len(notes) == 1
     assert "no finite-difference check" in notes[0] and "6.1 C3" in notes[0]
     assert "W0" in res.output and "(2, 1, 3, 3)" in res.output           # the conv kernel
+
+
+def test_side_by_side_prints_both_gradients_and_returns_the_report():
+    w = np.linspace(-1, 1, 6).reshape(2, 3)
+    lines = []
+    rep = gradcheck.side_by_side(lambda: float(np.sum(w ** 3)), [w], [3 * w ** 2], ["dW"],
+                                 h=1e-5, rtol=1e-8, show=lines.append)
+    assert rep.passed and "dW hand" in lines[0] and "central differences (h = 1e-05)" in lines[0]
+    assert "passed" in lines[-1]
+    rep = gradcheck.side_by_side(lambda: float(np.sum(w ** 3)), [w], [3.01 * w ** 2], ["dW"],
+                                 h=1e-5, rtol=1e-8, show=lines.append)
+    assert not rep.passed and "FAILED" in lines[-1]
