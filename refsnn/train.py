@@ -25,7 +25,11 @@ epoch - 1), ``lr``, ``loss`` (the method's batch loss averaged over the epoch's 
 ``train_acc`` (measured on the training batches as they were trained), ``test_acc``,
 ``layers`` (one entry per spiking layer: ``layer`` index, ``name``, ``spike_rate``, ``silent``
 (fraction of neurons that never fired in a batch), ``grad_norm`` (L2 norm of the layer's
-gradient before clipping), each averaged over the batches), ``samples_per_s``, ``seconds``.
+gradient before clipping), each averaged over the batches), ``spikes_per_sample`` (spikes of
+every spiking layer over all T steps, per test sample, counted in the epoch's test evaluation),
+``samples_per_s``, ``seconds``. report.json adds ``spikes_per_sample`` (the last epoch's) and
+``peak_rss_mb``: the peak resident memory of the process (resource.getrusage), which covers the
+run alone when the caller resets the peak first (refsnn/sweep.py does, on Linux).
 """
 
 from __future__ import annotations
@@ -244,17 +248,41 @@ def batch_input(config: TrainConfig, ds, split: str, idx, rng, dtype, train: boo
     return encode_batch(config, x, rng, dtype)
 
 
-def evaluate(net, ds, config: TrainConfig, rng, split: str = "test", batch_size=None) -> float:
-    """Accuracy of ``net`` on a split (inputs encoded as in training, drawn from ``rng``)."""
+def evaluate(net, ds, config: TrainConfig, rng, split: str = "test", batch_size=None,
+             counts: dict | None = None) -> float:
+    """Accuracy of ``net`` on a split (inputs encoded as in training, drawn from ``rng``).
+
+    ``counts``, when given, receives ``spikes_per_sample``: the spikes of every spiking layer
+    over all T steps, summed and divided by the number of samples.
+    """
     y = ds.test_y if split == "test" else ds.train_y
     B = batch_size or config.batch_size
     dtype = np.dtype(config.dtype)
-    correct = 0
+    correct, spikes = 0, 0.0
     for s in range(0, len(y), B):
         idx = np.arange(s, min(s + B, len(y)))
         x = batch_input(config, ds, split, idx, rng, dtype)
-        correct += int(np.sum(net.predict(x) == y[idx]))
+        if counts is None:
+            pred = net.predict(x)
+        else:                                    # net.predict, keeping the trace to count spikes
+            trace = net.forward(x)
+            pred = np.argmax(net.method.scores(net.p, trace.states[-1]), axis=1)
+            spikes += sum(float(np.sum(st.spikes)) for st in trace.states
+                          if getattr(st, "spikes", None) is not None)
+        correct += int(np.sum(pred == y[idx]))
+    if counts is not None:
+        counts["spikes_per_sample"] = spikes / len(y)
     return correct / len(y)
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident memory of this process in MiB (resource.getrusage), None where unknown."""
+    try:
+        import resource
+    except ImportError:                          # not on Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10   # bytes / KiB
 
 
 def machine_info() -> dict:
@@ -387,7 +415,8 @@ def train(config: TrainConfig, method: str, out_dir, *, resume: bool = False,
             prog.bar(e1, seen, n, t0, loss_sum / n_batches, correct / seen)
         train_s = time.perf_counter() - t0
         prog.bar(e1, seen, n, t0, loss_sum / n_batches, correct / seen, final=True)
-        test_acc = evaluate(net, ds, config, rng)
+        counts = {}
+        test_acc = evaluate(net, ds, config, rng, counts=counts)
         seconds = time.perf_counter() - t0
         elapsed += seconds
         layers = []
@@ -398,6 +427,7 @@ def train(config: TrainConfig, method: str, out_dir, *, resume: bool = False,
             layers.append(row)
         metrics = {"epoch": e1, "lr": lr, "loss": loss_sum / n_batches,
                    "train_acc": correct / seen, "test_acc": test_acc, "layers": layers,
+                   "spikes_per_sample": counts["spikes_per_sample"],
                    "samples_per_s": n / train_s, "seconds": seconds}
         history.append(metrics)
         best = max(history, key=lambda r: r["test_acc"])
@@ -423,6 +453,7 @@ def train(config: TrainConfig, method: str, out_dir, *, resume: bool = False,
         "best_test_acc": best["test_acc"], "best_epoch": best["epoch"],
         "minutes": elapsed / 60.0, "seconds": elapsed,
         "samples_per_s": float(np.mean([r["samples_per_s"] for r in history])),
+        "spikes_per_sample": last.get("spikes_per_sample"), "peak_rss_mb": peak_rss_mb(),
         "config": record["config"], "machine": machine_info(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "note": "test_acc is the last epoch's; best_test_acc is the best over epochs ON THE TEST "
