@@ -7,6 +7,8 @@
     refsnn gradcheck --method stbp --cases 5        hand gradients vs central finite differences
     refsnn methods [NAME]                           methods, parameters, defaults, presets
     refsnn datasets                                 datasets and where they are found
+    refsnn compare --methods stbp,hm2bp --seeds 3   several methods, same data and network
+    refsnn sweep CONFIG.toml                        a grid of runs on Dask (docs/sweep.md)
 
 Options of a run are layered: TrainConfig defaults < the method's ``defaults`` < ``--preset`` <
 explicit flags. A preset's ``params`` replace the default run's (a parameter the preset does not
@@ -391,10 +393,12 @@ def datasets(data_dir):
 # --------------------------------------------------------------------------------------------
 
 def _add_subcommands():
-    """`refsnn data ...` (cli_data.py), `refsnn oracle ...` (cli_oracle.py), `refsnn nir ...`."""
+    """`refsnn data ...` (cli_data.py), `refsnn oracle ...` (cli_oracle.py), `refsnn nir ...`,
+    `refsnn compare` and `refsnn sweep` (cli_sweep.py)."""
     import importlib
     for module, name in (("refsnn.cli_data", "data"), ("refsnn.cli_oracle", "oracle"),
-                         ("refsnn.cli_nir", "nir")):
+                         ("refsnn.cli_nir", "nir"), ("refsnn.cli_sweep", "compare"),
+                         ("refsnn.cli_sweep", "sweep")):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as err:
