@@ -817,14 +817,7 @@ def frozen_pattern_loss(p, layers, trace: Trace, target):
             h = a.reshape((T, B) + tuple(layer.out_shape))
         raise ConfigError("frozen_pattern_loss: the trace has no output layer")
 
-    _, reference = run()
-    y_hat = np.asarray(target, dtype=np.float64)
-
-    def F() -> float:
-        y, _ = run(reference)
-        return float(p.loss_scale * np.sum((y - y_hat) ** 2))
-
-    return F
+    return _frozen_loss(p, run, target)
 
 
 def count_model_loss(p, layers, trace: Trace, target):
@@ -858,6 +851,15 @@ def count_model_loss(p, layers, trace: Trace, target):
             h = N.reshape((1, B) + tuple(layer.out_shape))
         raise ConfigError("count_model_loss: the trace has no output layer")
 
+    return _frozen_loss(p, run, target)
+
+
+def _frozen_loss(p, run, target):
+    """F() = F6's loss of ``run(reference)``, the reference taken at the trace's weights.
+
+    ``run(reference)`` evaluates a linearisation at the layers' current parameters and returns
+    (y, record); run() records the reference quantities the linearisation is taken around.
+    """
     _, reference = run()
     y_hat = np.asarray(target, dtype=np.float64)
 
