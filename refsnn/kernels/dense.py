@@ -253,3 +253,24 @@ def weight_grad(gs: np.ndarray, xs: np.ndarray, ev: Events | None) -> np.ndarray
     dWT = np.empty((xs.shape[1], gs.shape[1]), gs.dtype)
     event_weight_grad(ptr, rows, np.ascontiguousarray(gs), dWT, ROW_CHUNK)
     return np.ascontiguousarray(dWT.T)
+
+
+def events_from_lists(xs: np.ndarray, idx: np.ndarray, cnt: np.ndarray,
+                      n_out: int) -> Events | None:
+    """The decision of :func:`spike_events` for a 0/1 input xs (R, n_in) whose event lists
+    (idx, cnt) are already built (e.g. by a fused neuron kernel): the same rules (MODE, size,
+    sampled density, exact density), without another pass over xs."""
+    if MODE == "gemm" or xs.ndim != 2:
+        return None
+    R, n = xs.shape
+    auto = MODE != "events"
+    if auto:
+        if n_out < MIN_OUT or R * n < MIN_SIZE:
+            return None
+        sample = xs[::max(1, R // 64)]
+        if np.count_nonzero(sample) > _limit(xs.dtype) * sample.size:
+            return None
+    ev = Events(idx, cnt, n)
+    if auto and ev.density > _limit(xs.dtype):
+        return None
+    return ev

@@ -33,6 +33,9 @@ import numpy as np
 from numba import njit, prange
 
 from ..errors import ConfigError, ShapeError
+from ..kernels import dense as dense_kernels
+from ..kernels import stbp_fused
+from ..kernels.stbp_fused import _lif_row
 from .base import FDCheck, Method, Params, Trace, check_finite, check_range, param, per_layer
 
 # --------------------------------------------------------------------------------------------
@@ -41,6 +44,14 @@ from .base import FDCheck, Method, Params, Trace, check_finite, check_range, par
 
 SURROGATES = ("rect", "poly", "sigmoid", "gauss")      # S9, S10, S11, S12 (kernel codes 0..3)
 RECT, POLY, SIGMOID, GAUSS = 0, 1, 2, 3
+VARIANTS = ("code", "paper", "sd")                     # S13, S14, S16 (kernel codes 0..2)
+
+#: The fused path for chains of dense layers (kernels/stbp_fused.py): "auto" takes it whenever
+#: it applies (STBP.fused_applies), "off" always runs the general layer-by-layer chain.
+FUSED = "auto"
+#: How the fused backward sends the error down (S13c / S14c): "kernel" (inside the layer
+#: below's BPTT kernel, over the nonzero errors only, both threads) or "gemm" (one BLAS GEMM).
+G_DOWN = "kernel"
 
 
 @dataclass(frozen=True)
@@ -176,6 +187,17 @@ def lif_forward(I, decay, v_th, reset_exp, strict, relax, kind, a, rect_norm):
     u = np.empty_like(I)
     o = np.empty_like(I)
     h = np.empty_like(I)
+    if not relax:                   # the same expressions, one row at a time, written out per
+        for b in prange(B):         # surrogate (kernels/stbp_fused._lif_row): the same bits
+            zrow = np.zeros(N, I.dtype)                     # u[-1] = o[-1] = 0
+            for t in range(T):
+                if t == 0:
+                    _lif_row(I[t, b], zrow, zrow, u[t, b], o[t, b], h[t, b], decay, v_th,
+                             reset_exp, strict, kind, a, rect_norm)
+                else:
+                    _lif_row(I[t, b], u[t - 1, b], o[t - 1, b], u[t, b], o[t, b], h[t, b],
+                             decay, v_th, reset_exp, strict, kind, a, rect_norm)
+        return u, o, h
     for b in prange(B):                                     # each b writes only its own slice
         u_prev = np.zeros(N)                                # u[-1] = 0
         o_prev = np.zeros(N)                                # o[-1] = 0
@@ -516,6 +538,115 @@ class STBP(Method):
             raise ConfigError("stbp: dropout in training needs a seeded rng (numpy.random.Generator)")
         return dropout_mask(h.shape, float(p.dropout), rng, h.dtype)
 
+    # ---- the fused path for chains of dense layers (kernels/stbp_fused.py) -------------------
+    _fused_off = False            # set by run_case: the oracle records d (dL_do) everywhere
+
+    def fused_applies(self, p, layers, x, train=False, masks=None) -> bool:
+        """Does the fused path apply? Every layer Dense with weights in x's dtype, the spiking
+        forward (not relax), no dropout mask in play, FUSED on. Otherwise the general chain."""
+        from ..layers import Dense
+        if FUSED == "off" or self._fused_off or p.relax or masks:
+            return False
+        if not layers or not all(type(layer) is Dense for layer in layers):
+            return False
+        if train and p.dropout > 0 and len(layers) > 2:                   # S19 masks
+            return False
+        dt = getattr(x, "dtype", None)
+        return (dt in (np.float64, np.float32) and x.ndim == 3
+                and all(layer.W.dtype == dt for layer in layers))
+
+    def forward(self, p, layers, x, *, train: bool = False, rng=None, masks=None) -> Trace:
+        """The chain of base.Method.forward; for a chain of dense layers the fused kernels (one
+        pass per layer: S1 gather or GEMM, S2-S4, S9-S12, the output's event list)."""
+        if not self.fused_applies(p, layers, x, train, masks):
+            return super().forward(p, layers, x, train=train, rng=rng, masks=masks)
+        T, B = x.shape[:2]
+        R = T * B
+        n = len(layers)
+        h = self.encode_input(p, x)
+        xs = h.reshape(R, -1)
+        ev = dense_kernels.spike_events(xs, layers[0].out_shape[0])      # the Dense rule
+        kind = SURROGATES.index(p.surrogate)
+        inputs, states, evs = [], [], []
+        for k, layer in enumerate(layers):
+            inputs.append(h)
+            evs.append(ev)
+            N = layer.out_shape[0]
+            dt = xs.dtype
+            v_th = per_layer(p.v_th, k, n, "v_th", "stbp")
+            if ev is not None:                                            # S1 by events
+                WT = np.ascontiguousarray(layer.W.T)
+                bias = np.zeros(0, dt) if layer.b is None else layer.b
+                idx, cnt, I = ev.idx, ev.cnt, np.empty((0, N), dt)
+            else:                                                         # S1 by GEMM
+                I = dense_kernels.forward(xs, layer.W, layer.b, None)
+                WT, bias = np.empty((0, N), dt), np.zeros(0, dt)
+                idx, cnt = np.empty((0, 0), np.int32), np.empty(0, np.int64)
+            want = k < n - 1 and dense_kernels.MODE != "gemm"
+            oidx = np.empty((R, N) if want else (0, 0), np.int32)
+            ocnt = np.empty(R if want else 0, np.int64)
+            u, o, hh = (np.empty((R, N), dt) for _ in range(3))
+            stbp_fused.lif_dense_forward(T, idx, cnt, WT, bias, I, float(p.decay), v_th,
+                                         p.reset_form == "exp", bool(p.strict), kind,
+                                         float(p.surrogate_width), bool(p.rect_norm),
+                                         u, o, hh, oidx, ocnt)
+            o3 = o.reshape(T, B, N)
+            states.append(STBPState(out=o3, spikes=o3, u=u.reshape(T, B, N),
+                                    h=hh.reshape(T, B, N)))
+            h, xs = o3, o
+            if want:
+                ev = dense_kernels.events_from_lists(o, oidx, ocnt, layers[k + 1].out_shape[0])
+            else:
+                ev = None
+        trace = Trace(inputs=inputs, states=states, out=h)
+        trace.extra["_fused"] = evs
+        return trace
+
+    def backward(self, p, layers, trace: Trace, target) -> list:
+        """base.Method.backward; after a fused forward the fused kernels: per layer S13/S14/S16
+        with the error from above computed only on the surrogate's support for rect and poly
+        (S9, S10: elsewhere h = 0), then S15 by events or GEMM. Records "delta" (e or ε) like
+        the general chain; "dL_do" only there."""
+        evs = trace.extra.pop("_fused", None)
+        if evs is None or len(evs) != len(layers):
+            return super().backward(p, layers, trace, target)
+        T, B = trace.inputs[0].shape[:2]
+        R = T * B
+        n = len(layers)
+        loss, g = self.loss(p, trace.states[-1], target)
+        trace.loss = loss
+        variant = VARIANTS.index(p.variant)
+        grads, deltas = [None] * n, [None] * n
+        g_rows = np.ascontiguousarray(g).reshape(R, -1)
+        e_up = W_up = None
+        for li in range(n - 1, -1, -1):
+            layer, st = layers[li], trace.states[li]
+            N = layer.out_shape[0]
+            dt = st.u.dtype
+            ew = np.empty((R, N), dt)
+            ed = np.empty((R, N), dt) if variant == 1 else ew
+            if g_rows is not None:
+                gg = g_rows.astype(dt, copy=False)
+                eu, wu = np.empty((R, 0), dt), np.empty((0, N), dt)
+            else:
+                gg, eu, wu = np.empty((0, N), dt), e_up, W_up
+            stbp_fused.bptt_dense_fused(T, gg, eu, wu, st.u.reshape(R, N),
+                                        st.spikes.reshape(R, N), st.h.reshape(R, N),
+                                        float(p.decay), p.reset_form == "exp",
+                                        bool(p.reset_grad), variant, ew, ed)
+            deltas[li] = ew.reshape(T, B, N)
+            xs = trace.inputs[li].reshape(R, -1)
+            grads[li] = [dense_kernels.weight_grad(ew, xs, evs[li])]      # S15: Σ e oᵀ
+            if layer.b is not None:
+                grads[li].append(ew.sum(axis=0))                           # S15: Σ e
+            if li > 0:
+                if G_DOWN == "kernel":                 # S13c / S14c in the next kernel
+                    e_up, W_up, g_rows = ed, np.ascontiguousarray(layer.W), None
+                else:                                  # S13c / S14c: one GEMM, Wᵀ e
+                    g_rows = ed @ layer.W
+        trace.extra["delta"] = deltas
+        return grads
+
     # ---- checks ------------------------------------------------------------------------------
     def fd_objective(self, p, layers, x, target) -> FDCheck:
         """Spec 6.2: the relaxed forward (relax=True) and the tangent model of p's variant.
@@ -561,7 +692,11 @@ class STBP(Method):
             if not 0 <= label < C:
                 raise ConfigError(f"stbp: label={label} is not a class index in 0..{C - 1} "
                                   f"(C = n_L / vote_k = {C})")
-        out = super().run_case(weights, inputs, label=label, target=target, biases=biases, p=p)
+        self._fused_off = True                            # the oracle records dL_do everywhere
+        try:
+            out = super().run_case(weights, inputs, label=label, target=target, biases=biases, p=p)
+        finally:
+            self._fused_off = False
         r, z = rate_readout(out["spikes"][-1][:, None, :], int(p.vote_k))
         out["rate"], out["readout"] = r[0], z[0]
         return out
