@@ -494,10 +494,12 @@ def run_sweep(runs, root, *, workers=None, scheduler=None, data_dir=None, local=
     the exception that stopped it}; finished runs are read back, not trained again.
     """
     root = Path(root).absolute()
-    (root / RUNS).mkdir(parents=True, exist_ok=True)
-    _write_json(root / SWEEP_JSON, {"runs": [r.as_dict() for r in runs]})
     states = {r.name: run_state(root, r) for r in runs}
     todo = [r for r in runs if states[r.name] != "finished"]
+    if todo and not local:
+        _dask()                                      # installed? (before anything is written)
+    (root / RUNS).mkdir(parents=True, exist_ok=True)
+    _write_json(root / SWEEP_JSON, {"runs": [r.as_dict() for r in runs]})
     n_partial = sum(states[r.name] == "partial" for r in todo)
     echo(f"{len(runs)} runs in {root}: {len(runs) - len(todo)} finished, {n_partial} to resume, "
          f"{len(todo) - n_partial} to start")
@@ -528,13 +530,20 @@ def _say_done(echo, name, result):
         echo(f"done {name}: test accuracy {100 * result['test_acc']:.2f}%")
 
 
-def _run_dask(todo, args, workers, scheduler, echo) -> dict:
+def _dask():
+    """dask.distributed, or a ConfigError saying how to install it."""
     try:
-        from dask.distributed import Client, LocalCluster, as_completed
+        import dask.distributed
     except ImportError:
         raise ConfigError("refsnn sweep runs its runs on Dask, which is not installed: pip "
                           "install 'refsnn[sweep]' (or 'dask[distributed]'); refsnn compare "
                           "runs without it") from None
+    return dask.distributed
+
+
+def _run_dask(todo, args, workers, scheduler, echo) -> dict:
+    dd = _dask()
+    Client, LocalCluster, as_completed = dd.Client, dd.LocalCluster, dd.as_completed
     import logging
     from . import cli  # noqa: F401  its threading policy (one BLAS thread) reaches the workers
     cluster = None

@@ -5,6 +5,7 @@ the bookkeeping (which runs train, which are skipped or resumed, what the tables
 accuracy.
 """
 
+import importlib.util
 import json
 import os
 import signal
@@ -22,6 +23,8 @@ from refsnn.errors import ConfigError
 from refsnn.sweep import RUNS, expand, load_sweep
 
 ROOT = Path(__file__).parent.parent
+TOML = pytest.mark.skipif(sys.version_info < (3, 11) and not importlib.util.find_spec("tomli"),
+                          reason="reading TOML needs Python >= 3.11 or tomli")
 TINY = {"arch": "784-20-10", "epochs": 1, "T": 4, "n_train": 40, "n_test": 20}
 
 
@@ -83,6 +86,7 @@ def test_run_tables_presets_and_per_method_options():
     assert runs[2].label == "T=6 dataset=mnist10k desired_count=3"
 
 
+@TOML
 @pytest.mark.parametrize("text, words", [
     ("methods = [\"stbp\"\nseeds = 2\n", "not valid TOML"),
     ("methods = [\"stbp\"]\nsedes = 2\n", "unknown top-level key(s) sedes"),
@@ -113,15 +117,27 @@ def test_a_malformed_sweep_file_is_one_error_line(tmp_path, text, words):
         load_sweep(path)
 
 
+@TOML
 def test_a_missing_sweep_file(tmp_path):
     res = CliRunner().invoke(main, ["sweep", str(tmp_path / "nope.toml")])
     assert res.exit_code == 2 and "no sweep file" in res.output
 
 
-def test_the_example_files_parse():
-    for path in sorted((ROOT / "examples").glob("sweep_*.toml")):
+@TOML
+def test_the_example_files_and_the_docs_example_parse():
+    paths = sorted((ROOT / "examples").glob("sweep_*.toml"))
+    assert len(paths) >= 2
+    for path in paths:
         sweep = load_sweep(path)
-        assert sweep.runs and sweep.out
+        assert sweep.out and {r.method for r in sweep.runs} == set(sweep.paper)
+    import re
+    tomllib = pytest.importorskip("tomllib")
+    block = re.search(r"```toml\n(.*?)```", (ROOT / "docs" / "sweep.md").read_text(), re.S)
+    runs = expand(tomllib.loads(block.group(1))).runs
+    assert len(runs) == 2 * 4 * 3 + 1
+    tss = [r for r in runs if r.method == "tsslbp"]
+    assert all(r.config.T == 5 and r.config.params["tau_s"] == 3.0 for r in tss)
+    assert {r.config.lr for r in tss} == {1e-3, 3e-3}
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,6 +223,7 @@ def test_spikes_per_sample_counts_every_spiking_layer():
 # sweep on Dask
 # --------------------------------------------------------------------------------------------
 
+@TOML
 def test_two_run_sweep_on_a_local_cluster(tmp_path):
     pytest.importorskip("dask.distributed")
     path = toml(tmp_path / "two.toml", 'methods = ["stbp"]\n' + tiny_toml(
@@ -256,6 +273,7 @@ def slow_toml(path, lrs):
                 + f"\n[grid]\nlr = {json.dumps(lrs)}\n")
 
 
+@TOML
 def test_a_killed_sweep_resumes_with_no_run_lost_or_run_twice(tmp_path):
     pytest.importorskip("dask.distributed")
     path = slow_toml(tmp_path / "s.toml", [1e-3, 2e-3, 3e-3])
@@ -300,6 +318,7 @@ def test_a_killed_sweep_resumes_with_no_run_lost_or_run_twice(tmp_path):
         assert len(attempts(out, name)) == 1
 
 
+@TOML
 def test_a_killed_worker_is_replaced_and_its_run_resumes(tmp_path):
     pytest.importorskip("dask.distributed")
     path = slow_toml(tmp_path / "w.toml", [1e-3])
@@ -322,6 +341,7 @@ def test_a_killed_worker_is_replaced_and_its_run_resumes(tmp_path):
     assert (out / RUNS / name / "report.json").exists()
 
 
+@TOML
 def test_dry_run_lists_the_runs_and_trains_nothing(tmp_path):
     path = toml(tmp_path / "d.toml", 'methods = ["stbp", "bpsta"]\nseeds = [1, 4]\n'
                 + tiny_toml())
@@ -331,3 +351,27 @@ def test_dry_run_lists_the_runs_and_trains_nothing(tmp_path):
     lines = res.output.strip().splitlines()
     assert len(lines) == 5 and all(line.startswith("new") for line in lines[:4])
     assert not (tmp_path / "o").exists()
+
+
+def test_a_failing_run_is_reported_and_the_others_finish(tmp_path):
+    """hm2bp cannot fit its target count (35) in T = 4: a one-line failure, stbp still trains."""
+    out = tmp_path / "cmp"
+    res = CliRunner().invoke(main, ["compare", "--methods", "stbp,hm2bp", "--arch", "784-20-10",
+                                    "--epochs", "1", "--steps", "4", "--n-train", "40",
+                                    "--n-test", "20", "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    assert "FAILED hm2bp-s0-" in res.output and "desired_count" in res.output
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith("Error: 1 of 2 runs did not finish (hm2bp-s0-")
+    assert [r["method"] for r in reports(out).values()] == ["stbp"]
+    md = (out / "results.md").read_text()
+    assert "| hm2bp |" in md and "| 0 of 1 |" in md
+
+
+@TOML
+def test_sweep_without_dask_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "dask.distributed", None)       # import fails
+    path = toml(tmp_path / "s.toml", 'methods = ["stbp"]\n' + tiny_toml())
+    res = CliRunner().invoke(main, ["sweep", str(path), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "pip install 'refsnn[sweep]'" in res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
