@@ -583,8 +583,9 @@ def _run_dask(todo, args, workers, scheduler, echo) -> dict:
             except Exception as err:                        # noqa: BLE001  KilledWorker etc.
                 if type(err).__name__ != "KilledWorker":
                     raise
-                results[name] = RefsnnError(f"its worker died {err}; rerun the sweep to resume "
-                                            "it from its last checkpoint")
+                results[name] = RefsnnError(f"workers died while training it ("
+                                            f"{' '.join(str(err).split())}); rerun the sweep "
+                                            "to resume it from its last checkpoint")
             _say_done(echo, name, results[name])
     finally:
         client.close()
@@ -757,6 +758,8 @@ def plot_curves(runs, root, path):
         if len(curves) > 1:
             ax.fill_between(epochs, [min(v) for v in cols], [max(v) for v in cols],
                             color=line.get_color(), alpha=0.2)
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)

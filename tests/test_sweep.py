@@ -243,6 +243,22 @@ def test_two_run_sweep_on_a_local_cluster(tmp_path):
     assert len(rows) == 3 and "lr=0.001" in rows[1] and "lr=0.002" in rows[2]
 
 
+@TOML
+def test_sweep_on_a_running_scheduler(tmp_path):
+    dd = pytest.importorskip("dask.distributed")
+    path = toml(tmp_path / "one.toml", 'methods = ["spikebp"]\n' + tiny_toml())
+    out = tmp_path / "sw"
+    with dd.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                         dashboard_address=None) as cluster:
+        res = CliRunner().invoke(main, ["sweep", str(path), "--out", str(out), "--scheduler",
+                                        cluster.scheduler_address])
+    assert res.exit_code == 0, res.output
+    assert "LocalCluster" not in res.output                     # no embedded cluster
+    (name,) = reports(out)
+    assert attempts(out, name)[0]["pid"] != os.getpid()
+    assert (out / "results.csv").read_text().count("spikebp") == 1
+
+
 def _start(args, cwd):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, "-m", "refsnn", *args], cwd=cwd, env=env,
