@@ -389,6 +389,25 @@ def datasets(data_dir):
 
 
 # --------------------------------------------------------------------------------------------
+# plot
+# --------------------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("-o", "--output", default="curves.png", show_default=True, type=click.Path(),
+              help="the PNG to write.")
+@click.option("--no-train", is_flag=True, help="test accuracy only (no dashed train curves).")
+@user_errors
+def plot(runs, output, no_train):
+    """Learning curves (accuracy per epoch) of one or more run folders, as a PNG."""
+    from .plots import draw_curves, run_curves
+    curves = run_curves(runs, train=not no_train)
+    if draw_curves(curves, output, ylabel="accuracy (%)") is None:
+        raise UserError("plotting needs matplotlib: pip install 'refsnn[plot]'")
+    click.echo(f"wrote {output}", err=True)
+
+
+# --------------------------------------------------------------------------------------------
 # command groups that live in their own modules
 # --------------------------------------------------------------------------------------------
 

@@ -733,40 +733,21 @@ def _history(root: Path, spec: RunSpec) -> list[dict]:
 def plot_curves(runs, root, path):
     """Test accuracy per epoch, mean over each group's seeds (band: min to max); None when
     matplotlib is missing."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        return None
+    from .plots import Curve, draw_curves
     root = Path(root)
     groups = {}
     for spec in runs:
         groups.setdefault(spec.group, []).append(spec)
-    fig = Figure(figsize=(7, 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    curves = []
     for specs in groups.values():
-        curves = [[100 * r["test_acc"] for r in _history(root, s)] for s in specs]
-        curves = [c for c in curves if c]
-        if not curves:
+        runs_acc = [[100 * r["test_acc"] for r in _history(root, s)] for s in specs]
+        runs_acc = [c for c in runs_acc if c]
+        if not runs_acc:
             continue
-        n = min(len(c) for c in curves)
-        epochs = list(range(1, n + 1))
-        cols = [[c[e] for c in curves] for e in range(n)]
+        cols = [[c[e] for c in runs_acc] for e in range(min(len(c) for c in runs_acc))]
         label = specs[0].method + (f" {specs[0].label}" if specs[0].label else "")
-        line, = ax.plot(epochs, [sum(v) / len(v) for v in cols], marker="o", ms=3, label=label)
-        if len(curves) > 1:
-            ax.fill_between(epochs, [min(v) for v in cols], [max(v) for v in cols],
-                            color=line.get_color(), alpha=0.2)
-    from matplotlib.ticker import MaxNLocator
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy (%)")
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
-    return Path(path)
+        band = len(runs_acc) > 1
+        curves.append(Curve(label, [sum(v) / len(v) for v in cols],
+                            lo=[min(v) for v in cols] if band else None,
+                            hi=[max(v) for v in cols] if band else None))
+    return draw_curves(curves, path)
