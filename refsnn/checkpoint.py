@@ -22,6 +22,8 @@ Schema (``format = "refsnn-checkpoint"``, ``format_version = 1``)::
                             (running_mean, ...), in the layer's order
     /optimizer              attrs: name, k (steps taken), hyper (JSON); absent when none saved
     /optimizer/<buf>/<i>    the buffers (m, v or momentum_buffer), one per network array i
+    /sample_state           the method's per-sample state over the training set (HM2-BP's
+                            boosting weights β_n, Method.init_sample_state); absent when none
 
 The file starts with a 512-byte HDF5 user block (ignored by HDF5 readers such as h5py and h5dump)
 holding three text lines: ``refsnn-checkpoint``, ``format_version N`` and ``sha256 <hex>``, the
@@ -140,6 +142,7 @@ class Checkpoint:
     elapsed_s: float = 0.0
     refsnn_version: str = ""
     format_version: int = FORMAT_VERSION
+    sample_state: np.ndarray | None = None   # /sample_state (absent in older files: None)
 
     @property
     def params(self) -> dict:
@@ -151,11 +154,13 @@ class Checkpoint:
 # --------------------------------------------------------------------------------------------
 
 def save_checkpoint(path, net, config, *, optimizer=None, rng=None, epoch: int = 0,
-                    history=(), best=None, last=None, elapsed_s: float = 0.0) -> Path:
+                    history=(), best=None, last=None, elapsed_s: float = 0.0,
+                    sample_state=None) -> Path:
     """Write ``net`` (a Network) and the run state to ``path`` atomically; returns the path.
 
     ``config`` is the run's TrainConfig (or a dict of it); its ``params`` are replaced by the
-    network's full parameter record so the file names every hyper-parameter.
+    network's full parameter record so the file names every hyper-parameter. ``sample_state``:
+    the method's per-sample array over the training set, if it keeps one (stored as is).
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
@@ -168,7 +173,8 @@ def save_checkpoint(path, net, config, *, optimizer=None, rng=None, epoch: int =
                           "choose a writable --out folder") from None
     os.close(fd)
     try:
-        _write(tmp, net, cfg, optimizer, rng, epoch, list(history), best, last, elapsed_s)
+        _write(tmp, net, cfg, optimizer, rng, epoch, list(history), best, last, elapsed_s,
+               sample_state)
         _seal(tmp)                                 # header + digest, fsync'd before the rename
         os.replace(tmp, path)
     except BaseException:
@@ -180,7 +186,8 @@ def save_checkpoint(path, net, config, *, optimizer=None, rng=None, epoch: int =
     return path
 
 
-def _write(tmp, net, cfg, optimizer, rng, epoch, history, best, last, elapsed_s):
+def _write(tmp, net, cfg, optimizer, rng, epoch, history, best, last, elapsed_s,
+           sample_state=None):
     h5py = _h5py()
     with h5py.File(tmp, "w", userblock_size=USERBLOCK) as f:
         a = f.attrs
@@ -224,6 +231,8 @@ def _write(tmp, net, cfg, optimizer, rng, epoch, history, best, last, elapsed_s)
                 bg = og.create_group(bname)
                 for i, arr in enumerate(arrs):
                     _array(bg, str(i), arr)
+        if sample_state is not None:
+            _array(f, "sample_state", sample_state)
 
 
 def _array(group, name, arr):
@@ -331,7 +340,8 @@ def _read(path: Path, f) -> Checkpoint:
         history=json.loads(hist),
         best=json.loads(_str(a.get("best", "null"))), last=json.loads(_str(a.get("last", "null"))),
         elapsed_s=float(a.get("elapsed_s", 0.0)), refsnn_version=_str(a.get("refsnn_version", "")),
-        format_version=version)
+        format_version=version,
+        sample_state=np.array(f["sample_state"][()]) if "sample_state" in f else None)
 
 
 def _str(v) -> str:

@@ -20,6 +20,12 @@ train=True); optional global grad-norm clip; optimizer step at the epoch's lr (o
 Method.post_update (the spec's weight clamps). A NaN or inf loss or weight stops the run with a
 RefsnnError; the last checkpoint stays intact.
 
+Per-sample state: a method may keep one array over the training set (Method.init_sample_state;
+HM2-BP's boosting weights β_n of its spec 7, with ``--param boost=true``). Each batch's target is
+then built from it (Method.batch_target, given the batch's indices), and after each epoch's
+training pass it is updated from that pass's predictions (Method.update_sample_state), before
+the test evaluation; it is saved with every checkpoint, so resuming keeps it bit for bit.
+
 metrics.jsonl, one object per epoch: ``epoch`` (1-based; the lr schedule's 0-based index is
 epoch - 1), ``lr``, ``loss`` (the method's batch loss averaged over the epoch's batches),
 ``train_acc`` (measured on the training batches as they were trained), ``test_acc``,
@@ -191,6 +197,23 @@ def _check_finite_weights(net, names, epoch, batch, lr, out):
                               f"finished epoch in {out} is intact")
 
 
+def _restored_sample_state(ck, fresh):
+    """The checkpoint's per-sample state, checked against the one this run starts with."""
+    saved = ck.sample_state
+    if fresh is None and saved is None:
+        return None
+    if fresh is None or saved is None:
+        raise CheckpointError(f"{ck.path} {'holds no' if saved is None else 'holds a'} "
+                              f"per-sample training state (e.g. boosting weights) but this run "
+                              f"{'keeps one' if saved is None else 'keeps none'}; it cannot be "
+                              "resumed with these options")
+    if saved.shape != fresh.shape or saved.dtype != fresh.dtype:
+        raise CheckpointError(f"{ck.path}: the per-sample training state has shape "
+                              f"{saved.shape} ({saved.dtype}); this run's training set needs "
+                              f"{fresh.shape} ({fresh.dtype})")
+    return saved
+
+
 def build_network(config: TrainConfig, method, p, rng):
     """The network of ``config.arch``, initialised from ``rng`` (the method's init rule)."""
     from .network import Network
@@ -331,6 +354,7 @@ def train(config: TrainConfig, method: str, out_dir, *, resume: bool = False,
             raise ConfigError(f"{out} holds a {ck.method} run; resume it with --method "
                               f"{ck.method}")
         saved = {**TrainConfig().as_dict(), **ck.config}   # an option newer than the run: default
+        saved["params"] = {**m.Params().as_dict(), **saved.get("params", {})}    # same for params
         diff = _differences(json.loads(json.dumps(to_jsonable(saved), sort_keys=True)),
                             record["config"])
         if diff:
@@ -352,6 +376,7 @@ def train(config: TrainConfig, method: str, out_dir, *, resume: bool = False,
                 for layer in net.layers for _ in layer.params]    # per array (dense_lr_scale)
     dtype = np.dtype(config.dtype)
     prog = Progress(progress, quiet, config.epochs)
+    sample_state = m.init_sample_state(p, ds.train_y)       # None for most methods
 
     start, history, elapsed = 0, [], 0.0
     if ck is not None:
@@ -367,6 +392,7 @@ def train(config: TrainConfig, method: str, out_dir, *, resume: bool = False,
         except (TypeError, ValueError, KeyError) as err:
             raise CheckpointError(f"{ck.path}: the saved random-generator state does not fit "
                                   f"numpy's {type(rng.bit_generator).__name__} ({err})") from None
+        sample_state = _restored_sample_state(ck, sample_state)
         start, history, elapsed = ck.epoch, list(ck.history), ck.elapsed_s
         prog.say(f"resuming {out} after epoch {start} of {config.epochs}")
     elif state == "restart":
@@ -387,11 +413,14 @@ def train(config: TrainConfig, method: str, out_dir, *, resume: bool = False,
         loss_sum, n_batches, correct, seen = 0.0, 0, 0, 0
         layer_sums = [dict() for _ in spiking]
         gnorm_sums = np.zeros(len(net.layers))
+        train_pred = None if sample_state is None else np.empty(n, dtype=np.int64)
         for b, s in enumerate(range(0, n, B)):
             idx = order[s:s + B]
             labels = ds.train_y[idx]
             x = batch_input(config, ds, "train", idx, rng, dtype, train=True)
             target = net.make_target(labels, config.T)
+            if sample_state is not None:
+                target = m.batch_target(p, target, sample_state, idx)
             loss, grads, trace = net.loss_and_grads(x, target, train=True, rng=rng)
             _check_finite_loss(loss, e1, b + 1, lr, out)
             sq = np.zeros(len(net.layers))
@@ -406,6 +435,8 @@ def train(config: TrainConfig, method: str, out_dir, *, resume: bool = False,
             _check_finite_weights(net, names, e1, b + 1, lr, out)
             pred = np.argmax(m.scores(p, trace.states[-1]), axis=1)
             correct += int(np.sum(pred == labels))
+            if train_pred is not None:
+                train_pred[idx] = pred
             seen += len(idx)
             loss_sum += loss
             n_batches += 1
@@ -415,6 +446,8 @@ def train(config: TrainConfig, method: str, out_dir, *, resume: bool = False,
             prog.bar(e1, seen, n, t0, loss_sum / n_batches, correct / seen)
         train_s = time.perf_counter() - t0
         prog.bar(e1, seen, n, t0, loss_sum / n_batches, correct / seen, final=True)
+        if sample_state is not None:                          # e.g. HM2-BP's boosting (spec 7)
+            sample_state = m.update_sample_state(p, sample_state, ds.train_y, train_pred)
         counts = {}
         test_acc = evaluate(net, ds, config, rng, counts=counts)
         seconds = time.perf_counter() - t0
@@ -432,7 +465,8 @@ def train(config: TrainConfig, method: str, out_dir, *, resume: bool = False,
         history.append(metrics)
         best = max(history, key=lambda r: r["test_acc"])
         save_checkpoint(out / CHECKPOINT, net, config, optimizer=opt, rng=rng, epoch=e1,
-                        history=history, best=best, last=metrics, elapsed_s=elapsed)
+                        history=history, best=best, last=metrics, elapsed_s=elapsed,
+                        sample_state=sample_state)
         with open(out / METRICS, "a") as fh:
             fh.write(json.dumps(to_jsonable(metrics)) + "\n")
         silent = [f"layer {r['layer']} silent" for r in layers if r.get("spike_rate", 1) == 0]

@@ -23,6 +23,9 @@ temporal part of the backward pass. A method module reads top to bottom beside i
      recursion drops paths, e.g. STBP S14c).
    - ``scores(p, state_L)``: class scores (B, C) whose argmax is the prediction.
    - ``make_target(p, labels, n_out, T)``: the method's target for integer labels.
+   - optionally ``init_sample_state`` / ``batch_target`` / ``update_sample_state``: per-sample
+     state over the training set that the trainer keeps, checkpoints and updates after each
+     epoch from the training-pass predictions (HM2-BP's boosting weights, spec 7).
 
    The default :meth:`Method.forward` and :meth:`Method.backward` chain these over the layers. A
    method whose backward does not factor through ``layer.backward`` (HM2-BP's S-PSP weight
@@ -274,6 +277,23 @@ class Method:
 
     def post_update(self, p, layers):
         """Called after every optimizer step (weight clamps and limits of the spec); default none."""
+
+    # ---- per-sample state over the training set (HM2-BP's boosting weights, spec 7) ----
+    def init_sample_state(self, p, labels: np.ndarray) -> np.ndarray | None:
+        """An array with one row per training sample that the trainer keeps across epochs
+        (saved in checkpoints), given the training set's ``labels``; None (default): none."""
+        return None
+
+    def batch_target(self, p, target, sample_state: np.ndarray, idx: np.ndarray):
+        """The target of a training batch, given its plain ``target`` (make_target of its labels)
+        and its indices ``idx`` into the training set (only when there is a sample state)."""
+        return target
+
+    def update_sample_state(self, p, sample_state: np.ndarray, labels: np.ndarray,
+                            pred: np.ndarray) -> np.ndarray:
+        """The state after an epoch, from the training set's ``labels`` and the predictions
+        ``pred`` made on each sample as it was trained (the training pass)."""
+        return sample_state
 
     def layer_summary(self, state) -> dict:
         """Per-layer numbers for the metrics log; default: spike rate and silent fraction."""
