@@ -24,6 +24,8 @@ Implementations:
                              so its weights get another x5), step loop / norse.torch.Lift
   refsnn-stbp                refsnn's STBP (the peers' model): u[t] = 0.8 u[t-1] (1 - o[t-1]) + I[t],
                              o = 1[u > 1], rect surrogate (width 1), loss MSE of the output rate
+  refsnn-stbp-general        the same, with STBP's fused dense path switched off (the general
+                             layer-by-layer chain: the A/B baseline of the fused kernels)
   refsnn-<method>            the other methods on the same nets with their own default
                              parameters (their own throughput; no peer has them)
 Each config runs in its own process (peak RSS = VmHWM of that process). Each peer runs with each
@@ -124,6 +126,10 @@ def refsnn_child(method, net, dtype, a):
     from refsnn.optim import make_optimizer
 
     kind, T = NETS[net]
+    if method.endswith("-general"):       # STBP without its fused dense path (the A/B baseline)
+        import refsnn.methods.stbp as stbp_module
+        stbp_module.FUSED = "off"
+        method = method[:-len("-general")]
     m = get_method(method)
     params = dict(m.defaults.get("params", {}))
     if method == "stbp":
@@ -471,11 +477,14 @@ def markdown(rows, ratio, gemm, rounds):
                 fl = train_flops(*NETS[n])
                 cells += [f"{gemm[dt] * 1e9 / fl:,.0f}", ""]
             lines.append(f"| GEMM bound ({gemm[dt]:.0f} GFLOP/s) | {dt} | " + " | ".join(cells) + " |")
-    lines += ["", "| config | refsnn-stbp / fastest peer | fastest peer | refsnn peak RSS below every peer |",
-              "|---|---|---|---|"]
+    lines += ["", "| config | refsnn-stbp / fastest peer | fastest peer | refsnn peak RSS below "
+              "every peer | refsnn-stbp / GEMM bound |", "|---|---|---|---|---|"]
     for k, v in ratio.items():
+        net, dt = k.split()
+        bound = (f"{v['refsnn_samples_per_s'] / (gemm[dt] * 1e9 / train_flops(*NETS[net])):.2f}"
+                 if gemm else "")
         lines.append(f"| {k} | {v['ratio']:.2f} | {v['fastest_peer']} ({v['peer_samples_per_s']:,.0f}) "
-                     f"| {'yes' if v['rss_below_every_peer'] else 'no'} |")
+                     f"| {'yes' if v['rss_below_every_peer'] else 'no'} | {bound} |")
     rate_lines = [f"- {r['impl']} {r['config']} {r['dtype']}: spike rates per layer "
                   + ", ".join(f"{v:.3f}" for v in r["rates"])
                   for r in rows if r.get("rates")]
@@ -500,18 +509,20 @@ def main():
                     help="torch thread counts; each peer runs with each (impl/tN)")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--json", help="also write the result list here")
+    ap.add_argument("--out", help="results file (default benchmarks/results.json, "
+                    "results_quick.json with --quick); .md and .raw.json go beside it")
     a = ap.parse_args()
     if a.child:
         child_main(a)
         return
     if a.quick:
         a.nets, a.rounds, a.min_time = "mlp5", 1, 1.0
-    out = HERE / ("results_quick.json" if a.quick else "results.json")
+    out = Path(a.out) if a.out else HERE / ("results_quick.json" if a.quick else "results.json")
     impls, nets = a.impls.split(","), a.nets.split(",")
     configs = []
     for net in nets:
         for impl in impls:
-            if impl == "refsnn-stbp":
+            if impl in ("refsnn-stbp", "refsnn-stbp-general"):
                 dts = a.dtypes.split(",")
             elif impl.startswith("refsnn-"):
                 dts = a.other_dtypes.split(",")

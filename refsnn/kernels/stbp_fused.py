@@ -8,15 +8,20 @@ kernel per layer does, per sample and step,
 
     forward:   I = b + Σ_{j active} Wᵀ[j]  (or a row of a GEMM current)  ->  S2-S4 and h
                ->  the event list of the output spikes (what the next layer gathers);
-    backward:  g = (e^{l+1} W^{l+1})[j] only where h[j] != 0 (compact surrogates S9, S10: g
-               enters e only through d·h, S13b/S14b/S16)  ->  S13 / S14 / S16.
+    backward:  g = e^{l+1} W^{l+1} of the row (over the nonzero entries of e^{l+1} only, or a
+               row of one GEMM when e^{l+1} is dense)  ->  S13 / S14 / S16.
+
+(perf_notes' "error only on the surrogate support" computes g by one dot product per
+supported neuron; without fastmath numba does not vectorise a dot product (measured 2.4
+GFLOP/s against 40-70 for the GEMM on this machine), so it lost to the GEMM at every support
+size of the benchmark (20-22%) and is not used. The row sums above vectorise along the row.)
 
 Rows are r = t·B + b (time-major). The sums run in the same order as the general chain's
 (kernels/dense.py event_forward for the gather; the neuron updates are the same expressions in
 the same float64 scalar arithmetic as methods/stbp.py's lif_forward and bptt_*), so spikes, u
 and h are the same bits as the general chain with the same dense path (events or GEMM), and
-the gradients differ only where the error sent down is a dot product instead of a GEMM (1e-12
-relative in float64; tests/test_stbp_fused.py). The surrogate and the reset are written out in
+the gradients differ only where the error sent down is summed in the kernel instead of by the
+GEMM (1e-12 relative in float64; tests/test_stbp_fused.py). The surrogate and the reset are written out in
 the loops (no per-element call with run-time switches). No allocation inside the time loop.
 """
 
@@ -67,7 +72,8 @@ def _gather(acc, idx, cnt, r, WT, bias, has_b):
 def _lif_row(cur, up, op, ur, orow, hr, decay, v_th, reset_exp, strict, kind, a, rect_norm):
     """S2-S4 and h (S9-S12) of one row: u = f(o_prev)·u_prev + I, o = 1[u > V_th] (strict) or
     1[u >= V_th], h = h_kind(u - V_th); the expressions of stbp.lif_forward, surrogate written
-    out per kind so that each loop has no call and no switch."""
+    out per kind so that each loop has no call and no switch. cur may be ur itself (each i
+    reads cur[i] before it writes ur[i])."""
     N = cur.shape[0]
     for i in range(N):                                  # S3, S2 (float64 scalars)
         if reset_exp:
@@ -120,13 +126,12 @@ def lif_dense_forward(T, idx, cnt, WT, bias, I, decay, v_th, reset_exp, strict, 
     has_b = bias.shape[0] > 0
     want_ev = ocnt.shape[0] > 0
     for b in prange(B):
-        acc = np.empty(N, u.dtype)                      # per sample, outside the time loop
         zrow = np.zeros(N, u.dtype)                     # u[-1] = o[-1] = 0
         for t in range(T):
             r = t * B + b
-            if from_events:
-                _gather(acc, idx, cnt, r, WT, bias, has_b)
-                cur = acc
+            if from_events:                             # I[r] gathered into u[r], then S2 in
+                _gather(u[r], idx, cnt, r, WT, bias, has_b)     # place (measured faster than
+                cur = u[r]                                      # a scratch row)
             else:
                 cur = I[r]
             if t == 0:
@@ -145,7 +150,7 @@ def lif_dense_forward(T, idx, cnt, WT, bias, I, decay, v_th, reset_exp, strict, 
 
 
 # --------------------------------------------------------------------------------------------
-# Backward: error from above on the surrogate support -> S13 / S14 / S16
+# Backward: the error from above (rows of e^{l+1} W^{l+1}) -> S13 / S14 / S16
 # --------------------------------------------------------------------------------------------
 
 @njit(cache=True)

@@ -50,8 +50,11 @@ VARIANTS = ("code", "paper", "sd")                     # S13, S14, S16 (kernel c
 #: it applies (STBP.fused_applies), "off" always runs the general layer-by-layer chain.
 FUSED = "auto"
 #: How the fused backward sends the error down (S13c / S14c): "kernel" (inside the layer
-#: below's BPTT kernel, over the nonzero errors only, both threads) or "gemm" (one BLAS GEMM).
-G_DOWN = "kernel"
+#: below's BPTT kernel, over the nonzero errors only), "gemm" (one BLAS GEMM), or "auto": the
+#: kernel when at most G_DOWN_DENSITY[dtype] of the errors are nonzero, else the GEMM
+#: (crossover measured in benchmarks/README.md, "Fused STBP path").
+G_DOWN = "auto"
+G_DOWN_DENSITY = {np.dtype(np.float64): 0.25, np.dtype(np.float32): 0.12}
 
 
 @dataclass(frozen=True)
@@ -604,9 +607,9 @@ class STBP(Method):
 
     def backward(self, p, layers, trace: Trace, target) -> list:
         """base.Method.backward; after a fused forward the fused kernels: per layer S13/S14/S16
-        with the error from above computed only on the surrogate's support for rect and poly
-        (S9, S10: elsewhere h = 0), then S15 by events or GEMM. Records "delta" (e or ε) like
-        the general chain; "dL_do" only there."""
+        with the error from above (S13c/S14c of the layer above) summed inside the kernel over
+        the nonzero errors when they are sparse (G_DOWN), else one GEMM; then S15 by events or
+        GEMM. Records "delta" (e or ε) like the general chain; "dL_do" only there."""
         evs = trace.extra.pop("_fused", None)
         if evs is None or len(evs) != len(layers):
             return super().backward(p, layers, trace, target)
@@ -640,7 +643,10 @@ class STBP(Method):
             if layer.b is not None:
                 grads[li].append(ew.sum(axis=0))                           # S15: Σ e
             if li > 0:
-                if G_DOWN == "kernel":                 # S13c / S14c in the next kernel
+                kernel = G_DOWN == "kernel" or (
+                    G_DOWN == "auto" and np.count_nonzero(ed)
+                    <= G_DOWN_DENSITY.get(np.dtype(dt), 0.0) * ed.size)
+                if kernel:                             # S13c / S14c in the next kernel
                     e_up, W_up, g_rows = ed, np.ascontiguousarray(layer.W), None
                 else:                                  # S13c / S14c: one GEMM, Wᵀ e
                     g_rows = ed @ layer.W
