@@ -69,7 +69,7 @@ def _gather(acc, idx, cnt, r, WT, bias, has_b):
 
 
 @njit(cache=True)
-def _lif_row(cur, up, op, ur, orow, hr, decay, v_th, reset_exp, strict, kind, a, rect_norm):
+def lif_row(cur, up, op, ur, orow, hr, decay, v_th, reset_exp, strict, kind, a, rect_norm):
     """S2-S4 and h (S9-S12) of one row: u = f(o_prev)·u_prev + I, o = 1[u > V_th] (strict) or
     1[u >= V_th], h = h_kind(u - V_th); the expressions of stbp.lif_forward, surrogate written
     out per kind so that each loop has no call and no switch. cur may be ur itself (each i
@@ -135,10 +135,10 @@ def lif_dense_forward(T, idx, cnt, WT, bias, I, decay, v_th, reset_exp, strict, 
             else:
                 cur = I[r]
             if t == 0:
-                _lif_row(cur, zrow, zrow, u[r], o[r], h[r], decay, v_th, reset_exp, strict,
+                lif_row(cur, zrow, zrow, u[r], o[r], h[r], decay, v_th, reset_exp, strict,
                          kind, a, rect_norm)
             else:
-                _lif_row(cur, u[r - B], o[r - B], u[r], o[r], h[r], decay, v_th, reset_exp,
+                lif_row(cur, u[r - B], o[r - B], u[r], o[r], h[r], decay, v_th, reset_exp,
                          strict, kind, a, rect_norm)
             if want_ev:                                 # branch-free event list of o[r]
                 c = 0

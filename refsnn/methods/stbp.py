@@ -35,7 +35,7 @@ from numba import njit, prange
 from ..errors import ConfigError, ShapeError
 from ..kernels import dense as dense_kernels
 from ..kernels import stbp_fused
-from ..kernels.stbp_fused import _lif_row
+from ..kernels.stbp_fused import lif_row
 from .base import FDCheck, Method, Params, Trace, check_finite, check_range, param, per_layer
 
 # --------------------------------------------------------------------------------------------
@@ -191,14 +191,14 @@ def lif_forward(I, decay, v_th, reset_exp, strict, relax, kind, a, rect_norm):
     o = np.empty_like(I)
     h = np.empty_like(I)
     if not relax:                   # the same expressions, one row at a time, written out per
-        for b in prange(B):         # surrogate (kernels/stbp_fused._lif_row): the same bits
+        for b in prange(B):         # surrogate (kernels/stbp_fused.lif_row): the same bits
             zrow = np.zeros(N, I.dtype)                     # u[-1] = o[-1] = 0
             for t in range(T):
                 if t == 0:
-                    _lif_row(I[t, b], zrow, zrow, u[t, b], o[t, b], h[t, b], decay, v_th,
+                    lif_row(I[t, b], zrow, zrow, u[t, b], o[t, b], h[t, b], decay, v_th,
                              reset_exp, strict, kind, a, rect_norm)
                 else:
-                    _lif_row(I[t, b], u[t - 1, b], o[t - 1, b], u[t, b], o[t, b], h[t, b],
+                    lif_row(I[t, b], u[t - 1, b], o[t - 1, b], u[t, b], o[t, b], h[t, b],
                              decay, v_th, reset_exp, strict, kind, a, rect_norm)
         return u, o, h
     for b in prange(B):                                     # each b writes only its own slice
