@@ -209,23 +209,34 @@ def spike_events(xs: np.ndarray, n_out: int) -> Events | None:
     The density is first estimated on about 64 evenly spaced rows (cheap), then taken exactly
     from the event lists.
     """
-    if MODE == "gemm" or xs.ndim != 2:
+    if not _may_use_events(xs, n_out):
         return None
     R, n = xs.shape
-    auto = MODE != "events"
-    if auto:
-        if n_out < MIN_OUT or R * n < MIN_SIZE:
-            return None
-        sample = xs[::max(1, R // 64)]
-        if np.count_nonzero(sample) > _limit(xs.dtype) * sample.size:
-            return None
     xs = np.ascontiguousarray(xs)
     idx = np.empty((R, n), np.int32)
     cnt = np.empty(R, np.int64)
     if build_events(xs, idx, cnt) != 0:                   # not a spike train: GEMM
         return None
-    ev = Events(idx, cnt, n)
-    if auto and ev.density > _limit(xs.dtype):
+    return _dense_enough(xs, Events(idx, cnt, n))
+
+
+def _may_use_events(xs: np.ndarray, n_out: int) -> bool:
+    """The cheap part of the rule: MODE, a 2-D input, the layer's size, and the density of about
+    64 evenly spaced rows under the dtype's limit (auto mode)."""
+    if MODE == "gemm" or xs.ndim != 2:
+        return False
+    if MODE == "events":
+        return True
+    R, n = xs.shape
+    if n_out < MIN_OUT or R * n < MIN_SIZE:
+        return False
+    sample = xs[::max(1, R // 64)]
+    return np.count_nonzero(sample) <= _limit(xs.dtype) * sample.size
+
+
+def _dense_enough(xs: np.ndarray, ev: Events) -> Events | None:
+    """``ev``, unless (auto mode) its exact density is above the dtype's limit."""
+    if MODE != "events" and ev.density > _limit(xs.dtype):
         return None
     return ev
 
@@ -260,17 +271,6 @@ def events_from_lists(xs: np.ndarray, idx: np.ndarray, cnt: np.ndarray,
     """The decision of :func:`spike_events` for a 0/1 input xs (R, n_in) whose event lists
     (idx, cnt) are already built (e.g. by a fused neuron kernel): the same rules (MODE, size,
     sampled density, exact density), without another pass over xs."""
-    if MODE == "gemm" or xs.ndim != 2:
+    if not _may_use_events(xs, n_out):
         return None
-    R, n = xs.shape
-    auto = MODE != "events"
-    if auto:
-        if n_out < MIN_OUT or R * n < MIN_SIZE:
-            return None
-        sample = xs[::max(1, R // 64)]
-        if np.count_nonzero(sample) > _limit(xs.dtype) * sample.size:
-            return None
-    ev = Events(idx, cnt, n)
-    if auto and ev.density > _limit(xs.dtype):
-        return None
-    return ev
+    return _dense_enough(xs, Events(idx, cnt, xs.shape[1]))

@@ -182,6 +182,15 @@ def _g_row(gr, nz, er, Wup):
 
 
 @njit(cache=True)
+def _reset_pair(o, decay, reset_exp):
+    """S3's reset factor f(o) and its slope f'(o): τ(1 - o), -τ ("linear") or τ·exp(-o/τ),
+    -exp(-o/τ) ("exp")."""
+    if reset_exp:
+        return decay * math.exp(-o / decay), -math.exp(-o / decay)
+    return decay * (1.0 - o), -decay
+
+
+@njit(cache=True)
 def _bptt_row(grow, ur, orow, hr, ewr, edr, e_next, dh_next, decay, reset_exp, reset_grad,
               variant):
     """One row (t, b) of S13 / S14 / S16, given the error from above grow; e_next (ε[t+1]) and
@@ -194,13 +203,7 @@ def _bptt_row(grow, ur, orow, hr, ewr, edr, e_next, dh_next, decay, reset_exp, r
     if variant == CODE:                                 # S13
         for i in range(N):
             dt = grow[i]
-            oi = orow[i]
-            if reset_exp:
-                f = decay * math.exp(-oi / decay)
-                fs = -math.exp(-oi / decay)
-            else:
-                f = decay * (1.0 - oi)
-                fs = -decay
+            f, fs = _reset_pair(orow[i], decay, reset_exp)
             if reset_grad:
                 dt += e_next[i] * ur[i] * fs                            # S13a
             et = dt * hr[i] + e_next[i] * f                             # S13b
@@ -209,13 +212,7 @@ def _bptt_row(grow, ur, orow, hr, ewr, edr, e_next, dh_next, decay, reset_exp, r
         return
     for i in range(N):                                  # S14
         dt = grow[i]
-        oi = orow[i]
-        if reset_exp:
-            f = decay * math.exp(-oi / decay)
-            fs = -math.exp(-oi / decay)
-        else:
-            f = decay * (1.0 - oi)
-            fs = -decay
+        f, fs = _reset_pair(orow[i], decay, reset_exp)
         if reset_grad:
             dt += dh_next[i] * ur[i] * fs                               # S14a
         et = dt * hr[i] + e_next[i] * f                                 # S14b
