@@ -106,3 +106,15 @@ def test_side_by_side_prints_both_gradients_and_returns_the_report():
     rep = gradcheck.side_by_side(lambda: float(np.sum(w ** 3)), [w], [3.01 * w ** 2], ["dW"],
                                  h=1e-5, rtol=1e-8, show=lines.append)
     assert not rep.passed and "FAILED" in lines[-1]
+
+
+def test_richardson_cancels_the_h2_term_of_central_differences():
+    # f(w) = sin(k w): D(h) has error ~ k^3 h^2 / 6 |cos|, the extrapolation ~ k^5 h^4 / 120
+    k, w0, h = 40.0, np.array([0.3]), 1e-3
+    f = lambda: float(np.sin(k * w0[0]))
+    exact = k * np.cos(k * 0.3)
+    plain = gradcheck.central_fd(f, [w0], h=h)[0][0]
+    rich = gradcheck.richardson_fd(f, [w0], h=h)[0][0]
+    assert abs(plain - exact) == pytest.approx(k ** 3 * h ** 2 / 6 * abs(np.cos(k * 0.3)), rel=0.01)
+    assert abs(rich - exact) < 1e-3 * abs(plain - exact)
+    assert w0[0] == 0.3                                  # restored bit-exactly
