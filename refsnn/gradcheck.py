@@ -27,16 +27,15 @@ def central_fd(f: Callable[[], float], arrays: Sequence[np.ndarray], h: float = 
         if a.dtype != np.float64:
             raise TypeError(f"central differences need float64 arrays, got {a.dtype}")
         g = np.full(a.shape, np.nan)
-        flat, gflat = a.reshape(-1), g.reshape(-1)
-        sel = np.flatnonzero(mask[ai]) if mask is not None else range(flat.size)
-        for i in sel:
-            w = flat[i]
-            flat[i] = w + h
+        sel = zip(*np.nonzero(mask[ai])) if mask is not None else np.ndindex(a.shape)
+        for i in sel:                       # by index: a may be C- or F-ordered (never a copy)
+            w = a[i]
+            a[i] = w + h
             fp = f()
-            flat[i] = w - h
+            a[i] = w - h
             fm = f()
-            flat[i] = w
-            gflat[i] = (fp - fm) / (2 * h)
+            a[i] = w
+            g[i] = (fp - fm) / (2 * h)
         out.append(g)
     return out
 

@@ -103,7 +103,7 @@ def build_layers(method: Method, p: Params, arch: str, rng: np.random.Generator,
             if len(shape) == 3:
                 layers.append(L.Flatten(shape))
                 shape = layers[-1].out_shape
-            W = np.zeros((s.n, shape[0]), dtype=dtype)
+            W = np.zeros((s.n, shape[0]), dtype=dtype, order="F")     # Wᵀ contiguous: Dense
             layer = L.Dense(W, np.zeros(s.n, dtype=dtype) if method.uses_bias(p) else None)
         elif s.kind == "conv":
             c, h, w = shape

@@ -87,11 +87,18 @@ def adam_update(w, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, k):
 # --------------------------------------------------------------------------------------------
 
 
+def _order(a: np.ndarray) -> str:
+    """The memory order of a contiguous array: "F" for a Fortran-ordered one (a dense layer
+    stores W so, Wᵀ contiguous: kernels/stbp_fused.py), else "C"."""
+    return "F" if a.flags.f_contiguous and not a.flags.c_contiguous else "C"
+
+
 def _flat(a: np.ndarray, what: str) -> np.ndarray:
-    """A 1-D view of a C-contiguous array (never a copy: the kernels update it in place)."""
-    if not a.flags.c_contiguous:
-        raise ValueError(f"{what} must be C-contiguous to be updated in place")
-    return a.reshape(-1)
+    """A 1-D view of a C- or F-contiguous array in its memory order (never a copy: the kernels
+    update it in place). Entries of arrays of one layout pair up by position in that order."""
+    if not (a.flags.c_contiguous or a.flags.f_contiguous):
+        raise ValueError(f"{what} must be contiguous (C or Fortran order) to be updated in place")
+    return a.ravel(order=_order(a))
 
 
 class Optimizer:
@@ -110,7 +117,9 @@ class Optimizer:
         self.k = 0
         self.shapes = [tuple(p.shape) for p in params]
         self.dtypes = [p.dtype for p in params]
-        self.buffers = {n: [np.zeros(p.shape, p.dtype) for p in params] for n in self.buffer_names}
+        self.orders = [_order(p) for p in params]
+        self.buffers = {n: [np.zeros(p.shape, p.dtype, order=o) for p, o in zip(params, self.orders)]
+                        for n in self.buffer_names}
 
     def hyper(self) -> dict:
         """The hyper-parameters (saved beside the state; a resume must use the same)."""
@@ -129,7 +138,12 @@ class Optimizer:
             raise ValueError(f"{self.name}: {len(lrs)} learning rates for {len(params)} arrays")
         self.k += 1
         for i, (w, g) in enumerate(zip(params, grads)):
-            g = np.ascontiguousarray(g, dtype=w.dtype).reshape(-1)
+            o = _order(w)
+            if o != self.orders[i]:                  # the array was replaced by one of another
+                self.orders[i] = o                   # layout: its buffers follow (same values)
+                for bufs in self.buffers.values():
+                    bufs[i] = np.array(bufs[i], order=o)
+            g = np.asarray(g, dtype=w.dtype).ravel(order=o)
             self._update(i, _flat(w, f"parameter {i}"), g, lrs[i])
 
     def _update(self, i, w, g, lr):
@@ -158,8 +172,8 @@ class Optimizer:
                 raise CheckpointError(f"{self.name} buffer {n!r} has shapes "
                                       f"{[tuple(np.shape(a)) for a in arrs]}; the network's "
                                       f"arrays are {self.shapes}")
-            new[n] = [np.array(a, dtype=dt, copy=True, order="C")
-                      for a, dt in zip(arrs, self.dtypes)]
+            new[n] = [np.array(a, dtype=dt, copy=True, order=o)
+                      for a, dt, o in zip(arrs, self.dtypes, self.orders)]
         k = int(state["k"])
         if k < 0:
             raise CheckpointError(f"{self.name} step count k={k} must be >= 0")
@@ -180,7 +194,7 @@ class SGD(Optimizer):
         return {"momentum": self.momentum, "weight_decay": self.weight_decay}
 
     def _update(self, i, w, g, lr):
-        sgd_update(w, g, self.buffers["momentum_buffer"][i].reshape(-1), lr, self.momentum,
+        sgd_update(w, g, _flat(self.buffers["momentum_buffer"][i], "buffer"), lr, self.momentum,
                    self.weight_decay)
 
 
@@ -200,9 +214,9 @@ class Adam(Optimizer):
                 "weight_decay": self.weight_decay}
 
     def _update(self, i, w, g, lr):
-        adam_update(w, g, self.buffers["m"][i].reshape(-1), self.buffers["v"][i].reshape(-1),
-                    lr, self.beta1, self.beta2, self.eps, self.weight_decay, self.decoupled,
-                    self.k)
+        m, v = (_flat(self.buffers[n][i], "buffer") for n in ("m", "v"))
+        adam_update(w, g, m, v, lr, self.beta1, self.beta2, self.eps, self.weight_decay,
+                    self.decoupled, self.k)
 
 
 class AdamW(Adam):

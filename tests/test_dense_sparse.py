@@ -122,7 +122,7 @@ def test_event_forward_and_weight_grad_equal_the_gemm_float64(c, bias, chunk):
         dense.ROW_CHUNK = old_chunk
     want_I = x @ W.T + (b if bias else 0.0)
     want_dW = g.T @ x
-    assert I.dtype == dW.dtype == np.float64 and dW.flags.c_contiguous
+    assert I.dtype == dW.dtype == np.float64 and dW.flags.f_contiguous  # Network stores W so
     if np.any(want_I):
         assert rel_err(I, want_I) <= 1e-12
     else:

@@ -229,3 +229,36 @@ def test_warmup_cosine_schedule_is_bpsta_section_7():
 def test_lr_at_rejects_a_negative_epoch():
     with pytest.raises(Exception, match="epoch"):
         lr_at(TrainConfig(), -1)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_fortran_ordered_parameters_are_updated_in_place_like_c_ordered_ones(name):
+    # Network stores dense W in Fortran order (Wᵀ contiguous); gradients may come in either
+    # order, a resumed state is restored into that layout, and every update is the same bits
+    cfg = TrainConfig(optimizer=name, momentum=0.9 if name == "sgd" else 0.0, weight_decay=0.01)
+    rng = np.random.default_rng(1)
+    w_c = rng.normal(size=(5, 3))
+    w_f = np.asfortranarray(w_c)
+    grads = [rng.normal(size=(5, 3)) for _ in range(4)]
+    opt_c, opt_f = make_optimizer(cfg, [w_c]), make_optimizer(cfg, [w_f])
+    for k, g in enumerate(grads[:2]):
+        opt_c.step([w_c], [g], 1e-2)
+        opt_f.step([w_f], [g if k % 2 else np.asfortranarray(g)], 1e-2)
+    assert w_f.flags.f_contiguous and not w_f.flags.c_contiguous
+    assert np.array_equal(w_c, w_f)
+    opt_r = make_optimizer(cfg, [w_f])
+    opt_r.load_state_dict(opt_f.state_dict())
+    w_r = w_f.copy(order="F")
+    for g in grads[2:]:
+        opt_c.step([w_c], [g], 1e-2)
+        opt_r.step([w_r], [g], 1e-2)
+    assert np.array_equal(w_c, w_r)
+    for bufs_c, bufs_r in zip(opt_c.buffers.values(), opt_r.buffers.values()):
+        assert np.array_equal(bufs_c[0], bufs_r[0]) and bufs_r[0].flags.f_contiguous
+
+
+def test_a_parameter_that_is_not_contiguous_is_refused():
+    w = np.zeros((4, 6))[:, ::2]
+    opt = SGD([w])
+    with pytest.raises(ValueError, match="contiguous"):
+        opt.step([w], [np.ones_like(w)], 0.1)

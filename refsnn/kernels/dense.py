@@ -136,7 +136,7 @@ def event_weight_grad(ptr, rows, g, dWT, row_chunk):
 
     g (R, n_out) contiguous. The rows are visited in chunks of ``row_chunk`` (in order; each
     column list is sorted, so a cursor per column marks where the chunk ends); within a chunk
-    rows are summed 4 at a time. The order depends on R and row_chunk only.
+    rows are summed 8, then 4, then 1 at a time. The order depends on R and row_chunk only.
     """
     n_in = ptr.shape[0] - 1
     R, n_out = g.shape
@@ -148,15 +148,23 @@ def event_weight_grad(ptr, rows, g, dWT, row_chunk):
         for j in prange(n_in):
             k = pos[j]
             end = ptr[j + 1]
-            while k + 4 <= end and rows[k + 3] < r_hi:
-                r0, r1, r2, r3 = rows[k], rows[k + 1], rows[k + 2], rows[k + 3]
+            d = dWT[j]
+            while k + 8 <= end and rows[k + 7] < r_hi:
+                g0, g1, g2, g3 = g[rows[k]], g[rows[k + 1]], g[rows[k + 2]], g[rows[k + 3]]
+                g4, g5, g6, g7 = g[rows[k + 4]], g[rows[k + 5]], g[rows[k + 6]], g[rows[k + 7]]
                 for i in range(n_out):
-                    dWT[j, i] += (g[r0, i] + g[r1, i]) + (g[r2, i] + g[r3, i])
+                    d[i] += (((g0[i] + g1[i]) + (g2[i] + g3[i]))
+                             + ((g4[i] + g5[i]) + (g6[i] + g7[i])))
+                k += 8
+            while k + 4 <= end and rows[k + 3] < r_hi:
+                g0, g1, g2, g3 = g[rows[k]], g[rows[k + 1]], g[rows[k + 2]], g[rows[k + 3]]
+                for i in range(n_out):
+                    d[i] += (g0[i] + g1[i]) + (g2[i] + g3[i])
                 k += 4
             while k < end and rows[k] < r_hi:
-                r0 = rows[k]
+                g0 = g[rows[k]]
                 for i in range(n_out):
-                    dWT[j, i] += g[r0, i]
+                    d[i] += g0[i]
                 k += 1
             pos[j] = k
     return dWT
@@ -263,7 +271,7 @@ def weight_grad(gs: np.ndarray, xs: np.ndarray, ev: Events | None) -> np.ndarray
     ptr, rows = ev.by_column()
     dWT = np.empty((xs.shape[1], gs.shape[1]), gs.dtype)
     event_weight_grad(ptr, rows, np.ascontiguousarray(gs), dWT, ROW_CHUNK)
-    return np.ascontiguousarray(dWT.T)
+    return dWT.T                                           # Fortran-ordered, like Network's W
 
 
 def events_from_lists(xs: np.ndarray, idx: np.ndarray, cnt: np.ndarray,

@@ -12,9 +12,11 @@ kernel per layer does, per sample and step,
                row of one GEMM when e^{l+1} is dense)  ->  S13 / S14 / S16.
 
 (perf_notes' "error only on the surrogate support" computes g by one dot product per
-supported neuron; without fastmath numba does not vectorise a dot product (measured 2.4
-GFLOP/s against 40-70 for the GEMM on this machine), so it lost to the GEMM at every support
-size of the benchmark (20-22%) and is not used. The row sums above vectorise along the row.)
+supported neuron. Without fastmath numba does not vectorise a dot product (2.4 GFLOP/s against
+40-70 for the GEMM here); with reassociation-only fastmath it does, but each dot still streams
+one row of W^{l+1}ᵀ from L2 for 400 multiply-adds: 2.5 ms against 1.1 ms for the GEMM and 1.0
+ms for the row sums below (float32, 320 x 400 rows, support 34%, benchmarks/README.md). So
+it is not used. The row sums vectorise along the row.)
 
 Rows are r = t·B + b (time-major). The sums run in the same order as the general chain's
 (kernels/dense.py event_forward for the gather; the neuron updates are the same expressions in
@@ -222,32 +224,41 @@ def _bptt_row(grow, ur, orow, hr, ewr, edr, e_next, dh_next, decay, reset_exp, r
         e_next[i] = et
 
 
+#: How bptt_dense_fused gets the error from above: given as rows of g, or as the rows of
+#: e^{l+1} W^{l+1} over the nonzero errors (_g_row).
+G_GIVEN, G_ROWS = 0, 1
+
+
 @njit(cache=True, parallel=True)
-def bptt_dense_fused(T, g, eup, Wup, u, o, h, decay, reset_exp, reset_grad, variant, ew, ed):
+def bptt_dense_fused(T, g, eup, Wup, g_mode, u, o, h, decay, reset_exp, reset_grad, variant,
+                     ew, ed, nnz):
     """S13 (code), S14 (paper) or S16 (sd) of one dense spiking layer, ``prange`` over b.
 
-    The error from above, ∂L/∂o through the next layer, is g[r] when g has rows; otherwise it
-    is computed here, row by row, from the next layer's error eup (R, N_up) and weights
-    Wup = W^{l+1} (N_up, N) over the nonzero entries of eup (:func:`_g_row`). Writes ew
-    (the error of the weight gradient S15: e, ε or e) and, for "paper", ed = δ·h (the error
-    sent down, S14c); for "code"/"sd" pass ed = ew. Same float64 scalar arithmetic as
-    stbp.bptt_code / bptt_paper / bptt_sd.
+    The error from above, ∂L/∂o through the next layer, is g[r] (g_mode G_GIVEN); or it is
+    computed here, row by row, from the next layer's error eup (R, N_up) and weights
+    Wup = W^{l+1} (N_up, N) over the nonzero entries of eup (G_ROWS, :func:`_g_row`). Writes ew (the error of the
+    weight gradient S15: e, ε or e) and, for "paper", ed = δ·h (the error sent down, S14c);
+    for "code"/"sd" pass ed = ew; nnz[b] = the nonzero entries of ed in sample b's rows. Same
+    float64 scalar arithmetic as stbp.bptt_code / bptt_paper / bptt_sd.
     """
     R, N = u.shape
     B = R // T
-    full = g.shape[0] > 0
     for b in prange(B):
         gr = np.zeros(N, u.dtype)
         nz = np.empty(eup.shape[1], np.int32)
         e_next = np.zeros(N)                            # e[T] = 0 (ε[T] for paper)
         dh_next = np.zeros(N)                           # δ[T]·h[T] = 0 (paper)
+        c = 0
         for t in range(T - 1, -1, -1):
             r = t * B + b
-            if full:
+            if g_mode == G_GIVEN:
                 _bptt_row(g[r], u[r], o[r], h[r], ew[r], ed[r], e_next, dh_next, decay,
                           reset_exp, reset_grad, variant)
             else:
                 _g_row(gr, nz, eup[r], Wup)
                 _bptt_row(gr, u[r], o[r], h[r], ew[r], ed[r], e_next, dh_next, decay,
                           reset_exp, reset_grad, variant)
+            for i in range(N):
+                c += ed[r, i] != 0.0
+        nnz[b] = c
     return ew

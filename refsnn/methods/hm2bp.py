@@ -1133,7 +1133,7 @@ class HM2BP(Method):
             F, EA, EB = self._traces(p, pre, bool(np.any(kind == 1)))
             terms = (ptr, tt, kind, c1, c2, n_post, o_pre, F, EA, EB)
             if layer.kind == "dense":
-                W = layer.params[0]
+                W = np.ascontiguousarray(layer.params[0])      # rows W[i, :] (Network stores Wᵀ)
                 nu = per_layer(p.v_th, pos, nL, "v_th", self.name)
                 delta = g_cur / nu                                               # 5.4
                 lam_l = lam if pos == nL - 1 else np.ones_like(delta)

@@ -49,12 +49,14 @@ VARIANTS = ("code", "paper", "sd")                     # S13, S14, S16 (kernel c
 #: The fused path for chains of dense layers (kernels/stbp_fused.py): "auto" takes it whenever
 #: it applies (STBP.fused_applies), "off" always runs the general layer-by-layer chain.
 FUSED = "auto"
-#: How the fused backward sends the error down (S13c / S14c): "kernel" (inside the layer
-#: below's BPTT kernel, over the nonzero errors only), "gemm" (one BLAS GEMM), or "auto": the
-#: kernel when at most G_DOWN_DENSITY[dtype] of the errors are nonzero, else the GEMM
-#: (crossover measured in benchmarks/README.md, "Fused STBP path").
+#: How the fused backward sends the error down (S13c / S14c): "rows" (inside the layer below's
+#: BPTT kernel, the rows of e W over the nonzero errors only), "gemm" (one BLAS GEMM), or
+#: "auto": "rows" when at most G_DOWN_DENSITY[dtype] of the errors are nonzero, else "gemm"
+#: (crossover measured in benchmarks/README.md, "Fused STBP path"; computing e W only where the
+#: surrogate of the layer below is nonzero, one dot product per entry, measured slower than
+#: both: see there).
 G_DOWN = "auto"
-G_DOWN_DENSITY = {np.dtype(np.float64): 0.25, np.dtype(np.float32): 0.12}
+G_DOWN_DENSITY = {np.dtype(np.float64): 0.4, np.dtype(np.float32): 0.4}
 
 
 @dataclass(frozen=True)
@@ -608,7 +610,7 @@ class STBP(Method):
     def backward(self, p, layers, trace: Trace, target) -> list:
         """base.Method.backward; after a fused forward the fused kernels: per layer S13/S14/S16
         with the error from above (S13c/S14c of the layer above) summed inside the kernel over
-        the nonzero errors when they are sparse (G_DOWN), else one GEMM; then S15 by events or
+        the nonzero errors when they are sparse, else one GEMM (G_DOWN); then S15 by events or
         GEMM. Records "delta" (e or ε) like the general chain; "dL_do" only there."""
         evs = trace.extra.pop("_fused", None)
         if evs is None or len(evs) != len(layers):
@@ -621,7 +623,6 @@ class STBP(Method):
         variant = VARIANTS.index(p.variant)
         grads, deltas = [None] * n, [None] * n
         g_rows = np.ascontiguousarray(g).reshape(R, -1)
-        e_up = W_up = None
         for li in range(n - 1, -1, -1):
             layer, st = layers[li], trace.states[li]
             N = layer.out_shape[0]
@@ -629,29 +630,36 @@ class STBP(Method):
             ew = np.empty((R, N), dt)
             ed = np.empty((R, N), dt) if variant == 1 else ew
             if g_rows is not None:
-                gg = g_rows.astype(dt, copy=False)
+                gg, g_mode = g_rows.astype(dt, copy=False), stbp_fused.G_GIVEN
                 eu, wu = np.empty((R, 0), dt), np.empty((0, N), dt)
             else:
-                gg, eu, wu = np.empty((0, N), dt), e_up, W_up
-            stbp_fused.bptt_dense_fused(T, gg, eu, wu, st.u.reshape(R, N),
+                gg = np.empty((0, N), dt)
+            nnz = np.empty(B, np.int64)
+            stbp_fused.bptt_dense_fused(T, gg, eu, wu, g_mode, st.u.reshape(R, N),
                                         st.spikes.reshape(R, N), st.h.reshape(R, N),
                                         float(p.decay), p.reset_form == "exp",
-                                        bool(p.reset_grad), variant, ew, ed)
+                                        bool(p.reset_grad), variant, ew, ed, nnz)
             deltas[li] = ew.reshape(T, B, N)
             xs = trace.inputs[li].reshape(R, -1)
             grads[li] = [dense_kernels.weight_grad(ew, xs, evs[li])]      # S15: Σ e oᵀ
             if layer.b is not None:
                 grads[li].append(ew.sum(axis=0))                           # S15: Σ e
-            if li > 0:
-                kernel = G_DOWN == "kernel" or (
-                    G_DOWN == "auto" and np.count_nonzero(ed)
-                    <= G_DOWN_DENSITY.get(np.dtype(dt), 0.0) * ed.size)
-                if kernel:                             # S13c / S14c in the next kernel
-                    e_up, W_up, g_rows = ed, np.ascontiguousarray(layer.W), None
-                else:                                  # S13c / S14c: one GEMM, Wᵀ e
+            if li > 0:                                 # S13c / S14c for the layer below
+                mode = self._g_down_mode(int(nnz.sum()) / max(ed.size, 1), dt)
+                g_rows = None
+                if mode == "rows":                     # its kernel, over the nonzero errors
+                    eu, wu, g_mode = ed, np.ascontiguousarray(layer.W), stbp_fused.G_ROWS
+                else:                                  # one GEMM, Wᵀ e
                     g_rows = ed @ layer.W
         trace.extra["delta"] = deltas
         return grads
+
+    @staticmethod
+    def _g_down_mode(density, dtype) -> str:
+        """G_DOWN resolved for one layer whose errors are nonzero at ``density``."""
+        if G_DOWN != "auto":
+            return G_DOWN
+        return "rows" if density <= G_DOWN_DENSITY.get(np.dtype(dtype), 0.0) else "gemm"
 
     # ---- checks ------------------------------------------------------------------------------
     def fd_objective(self, p, layers, x, target) -> FDCheck:
