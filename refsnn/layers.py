@@ -25,6 +25,7 @@ import numpy as np
 
 from .errors import ShapeError
 from .kernels.conv import conv_forward, conv_input_grad, conv_weight_grad
+from .kernels import blas
 from .kernels import dense as dense_kernels
 from .kernels.pool import avgpool_backward, avgpool_forward
 
@@ -179,7 +180,7 @@ class Dense(Layer):
             grads.append(gs.sum(axis=0))                              # S15: Σ e
         gx = None
         if need_input_grad:
-            gx = (gs @ self.W.astype(xs.dtype, copy=False)).reshape(x.shape)   # Wᵀ e
+            gx = blas.matmul(gs, self.W.astype(xs.dtype, copy=False)).reshape(x.shape)  # Wᵀ e
         return gx, grads
 
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from . import blas
+
 #: Largest input density (fraction of ones) at which the event path is used, per dtype; above
 #: it the GEMM is faster. Measured by benchmarks/bench_dense.py (see benchmarks/README.md).
 MAX_DENSITY = {np.dtype(np.float64): 0.20, np.dtype(np.float32): 0.25}
@@ -251,9 +253,9 @@ def _dense_enough(xs: np.ndarray, ev: Events) -> Events | None:
 
 def forward(xs: np.ndarray, W: np.ndarray, b, ev: Events | None) -> np.ndarray:
     """S1 for rows xs (R, n_in): xs Wᵀ + b; by the events ``ev`` of xs (:func:`spike_events`)
-    when given, else one GEMM. W (n_out, n_in) and b (n_out,) or None, in xs's dtype."""
+    when given, else one GEMM (kernels/blas.py). W (n_out, n_in) and b (n_out,) or None, in xs's dtype."""
     if ev is None:
-        I = xs @ W.T
+        I = blas.matmul(xs, W.T)
         if b is not None:
             I += b
         return I
@@ -265,9 +267,9 @@ def forward(xs: np.ndarray, W: np.ndarray, b, ev: Events | None) -> np.ndarray:
 
 def weight_grad(gs: np.ndarray, xs: np.ndarray, ev: Events | None) -> np.ndarray:
     """S15: Σ_r gs[r]ᵀ xs[r] = gsᵀ xs (n_out, n_in); by the events ``ev`` of xs when given,
-    else one GEMM."""
+    else one GEMM (kernels/blas.py)."""
     if ev is None:
-        return gs.T @ xs
+        return blas.matmul_tn(xs, gs).T                    # Fortran-ordered, like Network's W
     ptr, rows = ev.by_column()
     dWT = np.empty((xs.shape[1], gs.shape[1]), gs.dtype)
     event_weight_grad(ptr, rows, np.ascontiguousarray(gs), dWT, ROW_CHUNK)

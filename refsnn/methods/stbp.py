@@ -34,7 +34,7 @@ from numba import njit, prange
 
 from ..errors import ConfigError, ShapeError
 from ..kernels import dense as dense_kernels
-from ..kernels import stbp_fused
+from ..kernels import blas, stbp_fused
 from ..kernels.stbp_fused import lif_row
 from .base import FDCheck, Method, Params, Trace, check_finite, check_range, param, per_layer
 
@@ -650,7 +650,7 @@ class STBP(Method):
                 if mode == "rows":                     # its kernel, over the nonzero errors
                     eu, wu, g_mode = ed, np.ascontiguousarray(layer.W), stbp_fused.G_ROWS
                 else:                                  # one GEMM, Wᵀ e
-                    g_rows = ed @ layer.W
+                    g_rows = blas.matmul(ed, layer.W)
         trace.extra["delta"] = deltas
         return grads
 
