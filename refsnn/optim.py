@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from .errors import CheckpointError, ConfigError
 
@@ -44,13 +44,13 @@ from .errors import CheckpointError, ConfigError
 # --------------------------------------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def sgd_update(w, g, buf, lr, momentum, weight_decay):
     """SGD with momentum (PyTorch, dampening 0): d = g + wd·w; B ← μ·B + d; w ← w − lr·B.
 
     w, g, buf : 1-D arrays of one size (buf is unused when μ = 0). Updates w and buf in place.
     """
-    for i in range(w.size):
+    for i in prange(w.size):                            # entry by entry: the same bits
         d = g[i]
         if weight_decay != 0.0:
             d = d + weight_decay * w[i]                 # coupled weight decay
@@ -60,7 +60,7 @@ def sgd_update(w, g, buf, lr, momentum, weight_decay):
         w[i] = w[i] - lr * d
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def adam_update(w, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, k):
     """Adam (decoupled = False) or AdamW (decoupled = True), step k >= 1, PyTorch's form.
 
@@ -70,7 +70,7 @@ def adam_update(w, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, k):
     """
     step_size = lr / (1.0 - beta1 ** k)                 # lr / bias correction 1
     bc2_sqrt = math.sqrt(1.0 - beta2 ** k)              # √(bias correction 2)
-    for i in range(w.size):
+    for i in prange(w.size):                            # entry by entry: the same bits
         gi = g[i]
         if weight_decay != 0.0:
             if decoupled:

@@ -728,3 +728,56 @@ def test_tsslbp_learns_mnist10k_subset(tmp_path):
     report = train(cfg, "tsslbp", tmp_path / "run", quiet=True)
     acc = report["test_acc"]
     assert acc > 0.6             # chance is 0.1; this seed reached 0.784 (0.75 after 2 epochs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The batch kernels (prange over samples, rows of neurons) against plain per-neuron loops
+# ---------------------------------------------------------------------------------------------
+
+def _plain_kernels(I, g, theta_m, theta_s, v_th, c_max):
+    """E1/E4, E2-E3, E6, E7-E8 one neuron at a time in plain Python, float64 carries."""
+    T, B, N = I.shape
+    a, u, du, s, G, D, c = (np.zeros(I.shape, I.dtype) for _ in range(7))
+    for b in range(B):
+        for i in range(N):
+            prev = u_hat = 0.0
+            for t in range(T):
+                prev = (1.0 - theta_s) * prev + theta_s * float(I[t, b, i])
+                a[t, b, i] = prev
+                d = (-theta_m) * u_hat + float(I[t, b, i])
+                v = u_hat + d
+                du[t, b, i], u[t, b, i] = d, v
+                s[t, b, i] = 1.0 if v > v_th else 0.0
+                u_hat = 0.0 if v > v_th else v
+            nxt_g = nxt_d = 0.0
+            for t in range(T - 1, -1, -1):
+                nxt_g = theta_s * float(g[t, b, i]) + (1.0 - theta_s) * nxt_g
+                G[t, b, i] = nxt_g
+                ct = 0.0
+                if s[t, b, i] != 0.0:
+                    d = float(du[t, b, i])
+                    ct = min(1.0 / d, c_max) if d > 0.0 else \
+                        (c_max if d == 0.0 and math.copysign(1.0, d) > 0.0 else 0.0)
+                nxt_d = ct * float(G[t, b, i]) + (ct * float(u[t, b, i]) * theta_m
+                                                  + (1.0 - float(s[t, b, i])) * (1.0 - theta_m)) * nxt_d
+                D[t, b, i], c[t, b, i] = nxt_d, ct
+    return a, (u, du, s), G, (D, c)
+
+
+@settings(max_examples=25, **FAST)
+@given(T=st.integers(1, 8), B=st.integers(1, 5), N=st.integers(1, 6), f32=st.booleans(),
+       theta_m=st.floats(0.05, 0.9), theta_s=st.floats(0.05, 0.9), seed=st.integers(0, 2**31))
+def test_batch_kernels_equal_plain_per_neuron_loops_bit_for_bit(T, B, N, f32, theta_m, theta_s,
+                                                                 seed):
+    rng = np.random.default_rng(seed)
+    dt = np.float32 if f32 else np.float64
+    I = rng.normal(0.6, 1.0, (T, B, N)).astype(dt)
+    I[rng.random(I.shape) < 0.15] = 0.0                              # Δu = ±0 cases of E7
+    g = rng.normal(size=(T, B, N)).astype(dt)
+    a, fwd, G, bwd = _plain_kernels(I, g, theta_m, theta_s, 1.0, 8.0)
+    np.testing.assert_array_equal(psp_forward(I, theta_s), a)
+    for got, want in zip(lif_forward(I, theta_m, 1.0), fwd):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(psp_backward(g, theta_s), G)
+    for got, want in zip(lif_backward(G, *fwd, theta_m, 8.0), bwd):
+        np.testing.assert_array_equal(got, want)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from ..errors import ConfigError, ShapeError
 from ..layers import Dense, Layer
@@ -118,47 +118,47 @@ class TSSLBPParams(Params):
 # 2. Forward kernels: E1/E4 synaptic filter, E2-E3 LIF with hard reset
 # --------------------------------------------------------------------------------------------
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def psp_forward(x, theta_s):
     """E1 / E4: a[t] = (1 - θ_s)·a[t-1] + θ_s·x[t], a[-1] = 0 (spec 2.3, this exact order).
 
-    x : (T, B, N) raw input (E1) or spikes (E4). Returns a, (T, B, N).
+    x : (T, B, N) raw input (E1) or spikes (E4). Returns a, (T, B, N). ``prange`` over b; the
+    state a[t-1] of a row is carried in float64 (as a float64 scalar would be).
     """
     T, B, N = x.shape
     a = np.empty_like(x)
     keep = 1.0 - theta_s
-    for b in range(B):
-        for i in range(N):
-            prev = 0.0                                            # a[-1] = 0
-            for t in range(T):
-                prev = keep * prev + theta_s * x[t, b, i]
-                a[t, b, i] = prev
+    for b in prange(B):
+        prev = np.zeros(N)                                        # a[-1] = 0
+        for t in range(T):
+            for i in range(N):
+                prev[i] = keep * prev[i] + theta_s * x[t, b, i]
+                a[t, b, i] = prev[i]
     return a
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def lif_forward(I, theta_m, v_th):
     """E2-E3: integrate, fire on u > V_th (strict), hard reset to 0.
 
     I : (T, B, N) input current (E5). Returns u (before reset), du (Δu), s, each (T, B, N).
+    ``prange`` over b; û carried in float64.
     """
     T, B, N = I.shape
     u = np.empty_like(I)
     du = np.empty_like(I)
-    s = np.zeros_like(I)
-    for b in range(B):
-        for i in range(N):
-            u_hat = 0.0                                           # û[-1] = 0
-            for t in range(T):
-                d = (-theta_m) * u_hat + I[t, b, i]               # E2: Δu[t]
+    s = np.empty_like(I)
+    for b in prange(B):
+        u_hat = np.zeros(N)                                       # û[-1] = 0
+        for t in range(T):
+            for i in range(N):
+                d = (-theta_m) * u_hat[i] + I[t, b, i]            # E2: Δu[t]
                 du[t, b, i] = d
-                v = u_hat + d                                     # u[t] = û[t-1] + Δu[t]
+                v = u_hat[i] + d                                  # u[t] = û[t-1] + Δu[t]
                 u[t, b, i] = v
-                if v > v_th:                                      # E3, strict
-                    s[t, b, i] = 1.0
-                    u_hat = 0.0
-                else:
-                    u_hat = v
+                fire = v > v_th                                   # E3, strict
+                s[t, b, i] = 1.0 if fire else 0.0
+                u_hat[i] = 0.0 if fire else v                     # hard reset
     return u, du, s
 
 
@@ -166,21 +166,22 @@ def lif_forward(I, theta_m, v_th):
 # 3. Backward kernels: E6 PSP adjoint, E7-E8 temporal recursion, E12-E14 warm-up
 # --------------------------------------------------------------------------------------------
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def psp_backward(g, theta_s):
     """E6: G[t] = θ_s·g[t] + (1 - θ_s)·G[t+1], G[T] = 0 — the exact adjoint of E4.
 
     g : (T, B, N) = ∂L/∂a. Returns G = ∂L/∂s with a seen as a linear function of s.
+    ``prange`` over b; G[t+1] carried in float64.
     """
     T, B, N = g.shape
     G = np.empty_like(g)
     keep = 1.0 - theta_s
-    for b in range(B):
-        for i in range(N):
-            nxt = 0.0                                             # G[T] = 0
-            for t in range(T - 1, -1, -1):
-                nxt = theta_s * g[t, b, i] + keep * nxt
-                G[t, b, i] = nxt
+    for b in prange(B):
+        nxt = np.zeros(N)                                         # G[T] = 0
+        for t in range(T - 1, -1, -1):
+            for i in range(N):
+                nxt[i] = theta_s * g[t, b, i] + keep * nxt[i]
+                G[t, b, i] = nxt[i]
     return G
 
 
@@ -200,26 +201,27 @@ def inter_factor(s, du, c_max):
     return 0.0
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def lif_backward(G, u, du, s, theta_m, c_max):
     """E7-E8, reverse in t: D[t] = c[t]·G[t] + (ρ[t] + λ[t])·D[t+1], D[T] = 0.
 
     ρ = c·u·θ_m (intra-neuron, APPROXIMATION, pre-reset u), λ = (1 - s)·(1 - θ_m) (leak, exact).
-    G = ∂L/∂s (E6); u, du, s from lif_forward. Returns D and c, each (T, B, N).
+    G = ∂L/∂s (E6); u, du, s from lif_forward. Returns D and c, each (T, B, N). ``prange`` over
+    b; D[t+1] carried in float64.
     """
     T, B, N = G.shape
     D = np.empty_like(G)
     c_out = np.empty_like(G)
     leak = 1.0 - theta_m                                          # θ'
-    for b in range(B):
-        for i in range(N):
-            nxt = 0.0                                             # D[T] = 0
-            for t in range(T - 1, -1, -1):
+    for b in prange(B):
+        nxt = np.zeros(N)                                         # D[T] = 0
+        for t in range(T - 1, -1, -1):
+            for i in range(N):
                 c = inter_factor(s[t, b, i], du[t, b, i], c_max)  # E7
                 rho = c * u[t, b, i] * theta_m                    # E8 intra-neuron
                 lam = (1.0 - s[t, b, i]) * leak                   # E8 leak
-                nxt = c * G[t, b, i] + (rho + lam) * nxt
-                D[t, b, i] = nxt
+                nxt[i] = c * G[t, b, i] + (rho + lam) * nxt[i]
+                D[t, b, i] = nxt[i]
                 c_out[t, b, i] = c
     return D, c_out
 
@@ -236,15 +238,15 @@ def surrogate_slope(u, v_th, alpha, x_clip):
     return (1.0 / alpha) * e / ((1.0 + e) * (1.0 + e))
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def tsslbp_delta(D, G, u, s, warm, paper, v_th, alpha, x_clip):
     """E13-E14: δ = D ("code") or s·D ("paper"); then δ = σ'(u)·G where warm (E12 slope).
 
-    warm : (T, B, N) boolean mask of E14. Returns δ = ∂L/∂I, (T, B, N).
+    warm : (T, B, N) boolean mask of E14. Returns δ = ∂L/∂I, (T, B, N). ``prange`` over b.
     """
     T, B, N = D.shape
     delta = np.empty_like(D)
-    for b in range(B):
+    for b in prange(B):
         for t in range(T):
             for i in range(N):
                 if warm[t, b, i]:                                           # E14 override
