@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from ..errors import ConfigError, ShapeError
 from ..layers import Layer
@@ -160,7 +160,7 @@ class SpikeBPParams(Params):
 # --------------------------------------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def lif_forward(I, m, decay, v_th):
     """F1-F3 and F4's forwarded activity, one hidden LIF layer.
 
@@ -174,8 +174,8 @@ def lif_forward(I, m, decay, v_th):
     s = np.zeros_like(I)
     a = np.zeros_like(I)
     v = np.zeros((B, N), dtype=I.dtype)                        # v[-1] = 0
-    for t in range(T):
-        for b in range(B):
+    for b in prange(B):                                        # samples apart: the same bits
+        for t in range(T):
             for i in range(N):
                 u[t, b, i] = decay * v[b, i] + I[t, b, i]      # F1 (code: decay after the reset)
                 if u[t, b, i] > v_th:                          # F2
@@ -187,7 +187,7 @@ def lif_forward(I, m, decay, v_th):
     return u, s, a
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def leak_factor(s, decay, ln_decay, lf_eps):
     """B3, after the forward: Λ = Σ_t λ^(T-1-t) s[t] (as LF <- λ·LF + s), γ = Σ_t s[t],
     γ' = γ + 1[γ < ε] (ε > 0) or γ + 1[γ = 0] (ε = 0), D = 1[Λ > ε] + ln(λ)·Λ/γ'.
@@ -198,12 +198,11 @@ def leak_factor(s, decay, ln_decay, lf_eps):
     Lam = np.zeros((B, N), dtype=s.dtype)
     gamma = np.zeros((B, N), dtype=s.dtype)
     D = np.zeros((B, N), dtype=s.dtype)
-    for t in range(T):
-        for b in range(B):
+    for b in prange(B):
+        for t in range(T):
             for i in range(N):
                 Lam[b, i] = decay * Lam[b, i] + s[t, b, i]     # leaky spike trace LF
                 gamma[b, i] += s[t, b, i]                      # spike count
-    for b in range(B):
         for i in range(N):
             if lf_eps > 0.0:
                 g1 = gamma[b, i] + (1.0 if gamma[b, i] < lf_eps else 0.0)
@@ -213,7 +212,7 @@ def leak_factor(s, decay, ln_decay, lf_eps):
     return Lam, gamma, D
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def pool_neuron_forward(P, v_th_pool):
     """B9 forward, the IF neurons of a spiking average pool (no leak, hard reset, no mask).
 
@@ -224,8 +223,8 @@ def pool_neuron_forward(P, v_th_pool):
     u = np.empty_like(P)
     s = np.zeros_like(P)
     v = np.zeros((B, N), dtype=P.dtype)                        # v_p[-1] = 0
-    for t in range(T):
-        for b in range(B):
+    for b in prange(B):
+        for t in range(T):
             for i in range(N):
                 u[t, b, i] = v[b, i] + P[t, b, i]
                 if u[t, b, i] > v_th_pool:
@@ -311,7 +310,7 @@ def accumulator_backward(gU, c_decay):
     return gI
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def lif_backward_code(g, s, m, D, v_th):
     """B4-B5 (variant "code"), reverse in t, one hidden LIF layer.
 
@@ -323,8 +322,8 @@ def lif_backward_code(g, s, m, D, v_th):
     T, B, N = g.shape
     delta = np.empty_like(g)
     d = np.zeros((B, N), dtype=g.dtype)                        # δ[T] = 0
-    for t in range(T - 1, -1, -1):
-        for b in range(B):
+    for b in prange(B):
+        for t in range(T - 1, -1, -1):
             for i in range(N):
                 if s[t, b, i] != 0.0:
                     d[b, i] = m[b, i] * g[t, b, i] * D[b, i] / v_th    # B4 at a spike
@@ -332,7 +331,7 @@ def lif_backward_code(g, s, m, D, v_th):
     return delta
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def pool_neuron_backward_code(g, s):
     """B9 backward (variant "code"): δ_p[t] = s_p[t]·g_p[t] + (1 - s_p[t])·δ_p[t+1], δ_p[T] = 0.
 
@@ -342,8 +341,8 @@ def pool_neuron_backward_code(g, s):
     T, B, N = g.shape
     delta = np.empty_like(g)
     d = np.zeros((B, N), dtype=g.dtype)                        # δ_p[T] = 0
-    for t in range(T - 1, -1, -1):
-        for b in range(B):
+    for b in prange(B):
+        for t in range(T - 1, -1, -1):
             for i in range(N):
                 if s[t, b, i] != 0.0:
                     d[b, i] = g[t, b, i]
@@ -384,13 +383,13 @@ def pool_neuron_backward_paper(g, gamma_p):
     return delta
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def spike_count(s):
     """γ = Σ_t s[t] (B3, also the pooling neurons' count of spec 5.3). s (T, B, N) -> (B, N)."""
     T, B, N = s.shape
     out = np.zeros(s.shape[1:], dtype=s.dtype)
-    for t in range(T):
-        for b in range(B):
+    for b in prange(B):
+        for t in range(T):
             for i in range(N):
                 out[b, i] += s[t, b, i]
     return out
@@ -401,7 +400,7 @@ def spike_count(s):
 # --------------------------------------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def window_mean_forward(x, k):
     """B9: P[c, y, x] = (1/k²) Σ_{dy, dx < k} a[c, k·y + dy, k·x + dx]; stride k, no padding.
 
@@ -412,7 +411,7 @@ def window_mean_forward(x, k):
     Ho, Wo = H // k, W // k
     out = np.empty((R, C, Ho, Wo), dtype=x.dtype)
     inv = 1.0 / (k * k)
-    for r in range(R):
+    for r in prange(R):
         for c in range(C):
             for yo in range(Ho):
                 for xo in range(Wo):
@@ -424,14 +423,14 @@ def window_mean_forward(x, k):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def window_mean_backward(g, k, H, W):
     """Adjoint of :func:`window_mean_forward` (EXACT): each input of a window gets g/k²;
     leftover rows/columns get 0. g : (R, C, H//k, W//k). Returns (R, C, H, W)."""
     R, C, Ho, Wo = g.shape
     out = np.zeros((R, C, H, W), dtype=g.dtype)
     inv = 1.0 / (k * k)
-    for r in range(R):
+    for r in prange(R):
         for c in range(C):
             for yo in range(Ho):
                 for xo in range(Wo):
