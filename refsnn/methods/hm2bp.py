@@ -249,7 +249,7 @@ def boost_weights(beta, labels, wrong, n_classes: int):
 # ============================================================================================
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def spsp_traces(S, dA, dB, shift, lo, need_ab):
     """5.1, pre side: E^A_j(t) = Σ_{σ' <= t} dA^{t-σ'}, E^B_j likewise, F = E^A - E^B.
 
@@ -267,7 +267,7 @@ def spsp_traces(S, dA, dB, shift, lo, need_ab):
     else:
         EA = np.empty((0, B, M), S.dtype)
         EB = np.empty((0, B, M), S.dtype)
-    for b in range(B):
+    for b in prange(B):                                   # samples apart: the same bits
         xa = np.zeros(M)
         xb = np.zeros(M)
         for t in range(T):
