@@ -227,7 +227,7 @@ def vote_mse(o, y, G, use_sum):
 # 5. Layers of spec 5.4: BatchNorm2d and MaxPool2d (kernels, then the Layer classes)
 # --------------------------------------------------------------------------------------------
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def bn_stats(Z):
     """Spec 5.4 BN statistics per step t and channel c over the m = B·H·W values of Z[t][:, c]:
     μ[t, c] = mean, σ²[t, c] = biased variance (divide by m). Z : (T, B, C, HW)."""
@@ -235,24 +235,24 @@ def bn_stats(Z):
     m = B * P
     mu = np.zeros((T, C))
     var = np.zeros((T, C))
-    for t in range(T):
-        for c in range(C):
-            acc = 0.0
-            for b in range(B):
-                for q in range(P):
-                    acc += Z[t, b, c, q]
-            mean = acc / m
-            acc = 0.0
-            for b in range(B):
-                for q in range(P):
-                    d = Z[t, b, c, q] - mean
-                    acc += d * d
-            mu[t, c] = mean
-            var[t, c] = acc / m
+    for tc in prange(T * C):                    # one (t, c) per iteration: the same sums
+        t, c = tc // C, tc % C
+        acc = 0.0
+        for b in range(B):
+            for q in range(P):
+                acc += Z[t, b, c, q]
+        mean = acc / m
+        acc = 0.0
+        for b in range(B):
+            for q in range(P):
+                d = Z[t, b, c, q] - mean
+                acc += d * d
+        mu[t, c] = mean
+        var[t, c] = acc / m
     return mu, var
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def bn_forward(Z, gamma, beta, mu, var):
     """Spec 5.4: ẑ = (Z - μ_t)/sqrt(σ²_t + 1e-5), B[t] = γ[c]·ẑ + β[c], per step t.
 
@@ -261,16 +261,16 @@ def bn_forward(Z, gamma, beta, mu, var):
     """
     T, Bn, C, P = Z.shape
     out = np.empty_like(Z)
-    for t in range(T):
-        for c in range(C):
-            inv = 1.0 / np.sqrt(var[t, c] + BN_EPS)
-            for b in range(Bn):
-                for q in range(P):
-                    out[t, b, c, q] = gamma[c] * (Z[t, b, c, q] - mu[t, c]) * inv + beta[c]
+    for tc in prange(T * C):
+        t, c = tc // C, tc % C
+        inv = 1.0 / np.sqrt(var[t, c] + BN_EPS)
+        for b in range(Bn):
+            for q in range(P):
+                out[t, b, c, q] = gamma[c] * (Z[t, b, c, q] - mu[t, c]) * inv + beta[c]
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def bn_backward(dB, Z, gamma, mu, var, batch_stats):
     """Spec 5.4 BN backward per step t and channel c (S = sum over b, y, x):
 
@@ -283,28 +283,34 @@ def bn_backward(dB, Z, gamma, mu, var, batch_stats):
     T, Bn, C, P = Z.shape
     m = Bn * P
     dZ = np.empty_like(Z)
+    S1 = np.zeros((T, C))
+    S2 = np.zeros((T, C))
+    for tc in prange(T * C):                    # one (t, c) per iteration
+        t, c = tc // C, tc % C
+        inv = 1.0 / np.sqrt(var[t, c] + BN_EPS)
+        s1 = 0.0
+        s2 = 0.0
+        for b in range(Bn):
+            for q in range(P):
+                zh = (Z[t, b, c, q] - mu[t, c]) * inv
+                s1 += dB[t, b, c, q]
+                s2 += dB[t, b, c, q] * zh
+        S1[t, c] = s1
+        S2[t, c] = s2
+        k = gamma[c] * inv
+        for b in range(Bn):
+            for q in range(P):
+                if batch_stats:
+                    zh = (Z[t, b, c, q] - mu[t, c]) * inv
+                    dZ[t, b, c, q] = k / m * (m * dB[t, b, c, q] - s1 - zh * s2)
+                else:
+                    dZ[t, b, c, q] = k * dB[t, b, c, q]
     dgamma = np.zeros(C)
     dbeta = np.zeros(C)
-    for t in range(T):
+    for t in range(T):                          # over t in order, as one sum per channel
         for c in range(C):
-            inv = 1.0 / np.sqrt(var[t, c] + BN_EPS)
-            s1 = 0.0
-            s2 = 0.0
-            for b in range(Bn):
-                for q in range(P):
-                    zh = (Z[t, b, c, q] - mu[t, c]) * inv
-                    s1 += dB[t, b, c, q]
-                    s2 += dB[t, b, c, q] * zh
-            dgamma[c] += s2
-            dbeta[c] += s1
-            k = gamma[c] * inv
-            for b in range(Bn):
-                for q in range(P):
-                    if batch_stats:
-                        zh = (Z[t, b, c, q] - mu[t, c]) * inv
-                        dZ[t, b, c, q] = k / m * (m * dB[t, b, c, q] - s1 - zh * s2)
-                    else:
-                        dZ[t, b, c, q] = k * dB[t, b, c, q]
+            dgamma[c] += S2[t, c]
+            dbeta[c] += S1[t, c]
     return dZ, dgamma, dbeta
 
 
