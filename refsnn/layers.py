@@ -124,6 +124,10 @@ class Dense(Layer):
     I and dW read x: when x is a sparse spike train (every entry 0 or 1, few ones), they are
     sums over its active entries (refsnn/kernels/dense.py, event-driven); otherwise one GEMM
     each. Both give the same numbers up to the order of the sums (1e-12 relative in float64).
+
+    W may be C- or Fortran-ordered; Network.build stores it Fortran-ordered, i.e. Wᵀ
+    contiguous, the layout the event kernels read (rows of Wᵀ), so no copy is made per call,
+    and the weight gradient comes in the same layout.
     """
 
     kind = "dense"

@@ -131,6 +131,18 @@ class NoFD(STBP):
     fd_objective = Method.fd_objective
 
 
+class QuarticSTBP(STBP):
+    """Σ w⁴ at h = 1e-2: the plain central difference is off by 4h²w (fails the 1e-7 rule);
+    Richardson's h/2 combination cancels the h² term and is exact for a quartic."""
+
+    def fd_objective(self, p, layers, x, target):
+        arrays = [a for layer in layers for a in layer.params]
+        for a in arrays:
+            a[...] = np.linspace(0.5, 1.5, a.size).reshape(a.shape)
+        return FDCheck(lambda: float(sum(np.sum(a ** 4) for a in arrays)),
+                       [4.0 * a ** 3 for a in arrays], h=1e-2, rtol=1e-7, rule="test")
+
+
 def test_gradcheck_passes_fails_and_says_when_there_is_no_objective(monkeypatch):
     monkeypatch.setitem(METHODS, "quad", Ref(__name__, "QuadraticSTBP"))
     monkeypatch.setitem(METHODS, "wrong", Ref(__name__, "WrongSTBP"))
@@ -142,6 +154,15 @@ def test_gradcheck_passes_fails_and_says_when_there_is_no_objective(monkeypatch)
     monkeypatch.setitem(METHODS, "nofd", Ref(__name__, "NoFD"))
     res = run(["gradcheck", "--method", "nofd", "--cases", "1"])
     assert res.exit_code == 1 and "no finite-difference objective" in res.output
+
+
+def test_gradcheck_richardson_removes_the_truncation_error(monkeypatch):
+    monkeypatch.setitem(METHODS, "quartic", Ref(__name__, "QuarticSTBP"))
+    args = ["gradcheck", "--method", "quartic", "--cases", "1", "--arch", "4-3-2"]
+    res = run(args)
+    assert res.exit_code == 1 and "FAILED" in res.output
+    res = run(args + ["--richardson"])
+    assert res.exit_code == 0 and "Richardson h/2" in res.output, res.output
 
 
 # ---- end to end --------------------------------------------------------------------------------
