@@ -27,7 +27,8 @@ Implementations:
   refsnn-stbp-general        the same, with STBP's fused dense path switched off (the general
                              layer-by-layer chain: the A/B baseline of the fused kernels)
   refsnn-<method>            the other methods on the same nets with their own default
-                             parameters and optimizer (their own throughput; no peer has them); their
+                             parameters and optimizer, or those of their preset for the same
+                             net (their own throughput; no peer has them); their
                              weights are scaled layer by layer (calibrate_rates) until each
                              spiking layer fires 3-15% on the benchmark input, as the peers'
                              do, so that the figure is the cost of a working network
@@ -174,6 +175,10 @@ def refsnn_child(method, net, dtype, a):
         method = method[:-len("-general")]
     m = get_method(method)
     params = dict(m.defaults.get("params", {}))
+    for preset in m.presets.values():     # a preset for this very net: its neuron parameters
+        if method != "stbp" and preset.get("arch") == ARCH[kind]:
+            params.update(preset.get("params", {}))
+            break
     if method == "stbp":
         params.update(decay=DECAY, v_th=V_TH, surrogate="rect", surrogate_width=1.0)
     if method == "hm2bp":                 # its default counts (35 / 5) are for T = 100
