@@ -35,7 +35,8 @@ Implementations:
 Each config runs in its own process (peak RSS = VmHWM of that process). Each peer runs with each
 torch thread count of --torch-threads (name/tN; default 1 and 2: on a loaded machine torch's
 spinning OpenMP threads make 2 slower than 1) and the fastest counts; refsnn runs under its CLI
-threading policy (one BLAS thread, numba threads, passive wait).
+threading policy (one BLAS thread, numba threads, passive wait) and the heap setting its training
+loop makes (refsnn/runtime.py).
 Rounds interleave all configs, the order reversed every other round; the machine is shared and
 noisy, so only figures of one run are compared. Nothing here is a test.
 
@@ -167,6 +168,9 @@ def refsnn_child(method, net, dtype, a):
     from refsnn.methods import get_method
     from refsnn.network import Network
     from refsnn.optim import make_optimizer
+    from refsnn.runtime import keep_freed_memory
+
+    keep_freed_memory()                   # as refsnn.train does (refsnn/runtime.py)
 
     kind, T = NETS[net]
     if method.endswith("-general"):       # STBP without its fused dense path (the A/B baseline)

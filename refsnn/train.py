@@ -56,6 +56,7 @@ from .config import TrainConfig
 from .errors import CheckpointError, ConfigError, RefsnnError, ShapeError
 from .methods import get_method
 from .optim import clip_grad_norm, lr_at, make_optimizer
+from . import runtime
 
 CHECKPOINT = "checkpoint.h5"
 METRICS = "metrics.jsonl"
@@ -320,9 +321,9 @@ def machine_info() -> dict:
 def thread_info() -> dict:
     """The threading a run had (it changes speed, not results; benchmarks/README.md)."""
     import numba
-    info = {"numba_threads": numba.get_num_threads()}
+    info = {"numba_threads": numba.get_num_threads(), "keep_freed_memory": runtime.applied}
     for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY",
-                "NUMBA_THREADING_LAYER"):
+                "NUMBA_THREADING_LAYER", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
         if var in os.environ:
             info[var] = os.environ[var]
     return info
@@ -343,6 +344,7 @@ def train(config: TrainConfig, method: str, out_dir, *, resume: bool = False,
     """
     if isinstance(config, dict):
         config = TrainConfig.from_dict(config)
+    runtime.keep_freed_memory()             # speed only (refsnn/runtime.py)
     m = get_method(method)
     p = m.Params.from_dict(config.params)
     out = Path(out_dir)
