@@ -224,25 +224,21 @@ def _bptt_row(grow, ur, orow, hr, ewr, edr, e_next, dh_next, decay, reset_exp, r
         e_next[i] = et
 
 
-#: How bptt_dense_fused gets the error from above: given as rows of g, or as the rows of
-#: e^{l+1} W^{l+1} over the nonzero errors (_g_row).
-G_GIVEN, G_ROWS = 0, 1
-
-
 @njit(cache=True, parallel=True)
-def bptt_dense_fused(T, g, eup, Wup, g_mode, u, o, h, decay, reset_exp, reset_grad, variant,
-                     ew, ed, nnz):
+def bptt_dense_fused(T, g, eup, Wup, u, o, h, decay, reset_exp, reset_grad, variant, ew, ed,
+                     nnz):
     """S13 (code), S14 (paper) or S16 (sd) of one dense spiking layer, ``prange`` over b.
 
-    The error from above, ∂L/∂o through the next layer, is g[r] (g_mode G_GIVEN); or it is
-    computed here, row by row, from the next layer's error eup (R, N_up) and weights
-    Wup = W^{l+1} (N_up, N) over the nonzero entries of eup (G_ROWS, :func:`_g_row`). Writes ew (the error of the
-    weight gradient S15: e, ε or e) and, for "paper", ed = δ·h (the error sent down, S14c);
-    for "code"/"sd" pass ed = ew; nnz[b] = the nonzero entries of ed in sample b's rows. Same
-    float64 scalar arithmetic as stbp.bptt_code / bptt_paper / bptt_sd.
+    The error from above, ∂L/∂o through the next layer, is g[r] when g has rows; otherwise it
+    is computed here, row by row, from the next layer's error eup (R, N_up) and weights
+    Wup = W^{l+1} (N_up, N) over the nonzero entries of eup (:func:`_g_row`). Writes ew
+    (the error of the weight gradient S15: e, ε or e) and, for "paper", ed = δ·h (the error
+    sent down, S14c); for "code"/"sd" pass ed = ew; nnz[b] = the nonzero entries of ed in
+    sample b's rows. Same float64 scalar arithmetic as stbp.bptt_code / bptt_paper / bptt_sd.
     """
     R, N = u.shape
     B = R // T
+    full = g.shape[0] > 0
     for b in prange(B):
         gr = np.zeros(N, u.dtype)
         nz = np.empty(eup.shape[1], np.int32)
@@ -251,7 +247,7 @@ def bptt_dense_fused(T, g, eup, Wup, g_mode, u, o, h, decay, reset_exp, reset_gr
         c = 0
         for t in range(T - 1, -1, -1):
             r = t * B + b
-            if g_mode == G_GIVEN:
+            if full:
                 _bptt_row(g[r], u[r], o[r], h[r], ew[r], ed[r], e_next, dh_next, decay,
                           reset_exp, reset_grad, variant)
             else:

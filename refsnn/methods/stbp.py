@@ -630,12 +630,12 @@ class STBP(Method):
             ew = np.empty((R, N), dt)
             ed = np.empty((R, N), dt) if variant == 1 else ew
             if g_rows is not None:
-                gg, g_mode = g_rows.astype(dt, copy=False), stbp_fused.G_GIVEN
+                gg = g_rows.astype(dt, copy=False)
                 eu, wu = np.empty((R, 0), dt), np.empty((0, N), dt)
             else:
                 gg = np.empty((0, N), dt)
             nnz = np.empty(B, np.int64)
-            stbp_fused.bptt_dense_fused(T, gg, eu, wu, g_mode, st.u.reshape(R, N),
+            stbp_fused.bptt_dense_fused(T, gg, eu, wu, st.u.reshape(R, N),
                                         st.spikes.reshape(R, N), st.h.reshape(R, N),
                                         float(p.decay), p.reset_form == "exp",
                                         bool(p.reset_grad), variant, ew, ed, nnz)
@@ -648,7 +648,7 @@ class STBP(Method):
                 mode = self._g_down_mode(int(nnz.sum()) / max(ed.size, 1), dt)
                 g_rows = None
                 if mode == "rows":                     # its kernel, over the nonzero errors
-                    eu, wu, g_mode = ed, np.ascontiguousarray(layer.W), stbp_fused.G_ROWS
+                    eu, wu = ed, np.ascontiguousarray(layer.W)
                 else:                                  # one GEMM, Wᵀ e
                     g_rows = blas.matmul(ed, layer.W)
         trace.extra["delta"] = deltas
