@@ -149,6 +149,7 @@ def main():
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter, LogLocator
         axes = a.axes.split(",")
         fig, axs = plt.subplots(1, len(axes), figsize=(4.5 * len(axes), 3.6))
         axs = np.atleast_1d(axs)
@@ -165,6 +166,8 @@ def main():
             sub.set_xticks(AXES[ax])
             sub.set_xticklabels([str(v) for v in AXES[ax]])
             sub.minorticks_off()
+            sub.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))   # labels inside a decade
+            sub.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
             sub.set_xlabel({"T": "time steps T", "B": "batch", "H": "hidden size H"}[ax])
             sub.set_ylabel("samples/s")
             sub.grid(True, which="both", alpha=0.3)
