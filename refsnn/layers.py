@@ -24,7 +24,7 @@ import weakref
 import numpy as np
 
 from .errors import ShapeError
-from .kernels.conv import conv_forward, conv_input_grad, conv_weight_grad
+from .kernels import conv_events as conv_kernels
 from .kernels import blas
 from .kernels import dense as dense_kernels
 from .kernels.pool import avgpool_backward, avgpool_forward
@@ -193,7 +193,9 @@ class Conv2d(Layer):
 
     I[c, y, x] = b[c] + Σ_{c', i, j} W[c, c', i, j] · x[c', s·y + i - p, s·x + j - p]
     in_shape (C_in, H, W), out_shape (C_out, H', W') with H' = (H + 2p - k)//s + 1 (W' likewise).
-    Kernels in refsnn/kernels/conv.py (per-sample window matrix + GEMM, chosen by measurement).
+    Kernels in refsnn/kernels/conv.py and conv_events.py: events for a sparse 0/1 input, else
+    channels-last windows + BLAS per chunk of samples (one-BLAS-thread policy), else per-sample
+    loops; the path is chosen per call (conv_events.py), all give the same sums up to rounding.
     """
 
     kind = "conv"
@@ -248,22 +250,21 @@ class Conv2d(Layer):
         xs = np.ascontiguousarray(self._rows(x, self.in_shape))
         b = (np.zeros(0, x.dtype) if self.b is None
              else np.ascontiguousarray(self.b, dtype=x.dtype))
-        I = conv_forward(xs, self._Wm(x.dtype), b, self.k, self.stride, self.padding,
-                         self.out_shape[1], self.out_shape[2])
+        I = conv_kernels.forward(xs, self.W, b, self.stride, self.padding, self.out_shape[1],
+                                 self.out_shape[2])
         return I.reshape(x.shape[:2] + self.out_shape)
 
     def backward(self, g, x, need_input_grad=True):
         gs, xs = self._backward_rows(g, x, need_x=True)
         gs, xs = np.ascontiguousarray(gs), np.ascontiguousarray(xs)
-        dW = conv_weight_grad(gs, xs, self.k, self.stride, self.padding)
-        grads = [dW.reshape(self.W.shape)]
+        dW = conv_kernels.weight_grad(gs, xs, self.W.shape, self.stride, self.padding)
+        grads = [dW]
         if self.b is not None:
             grads.append(gs.sum(axis=(0, 2, 3)))                     # Σ_{t,b,y,x} e[c]
         gx = None
         if need_input_grad:
-            C, H, Wd = self.in_shape
-            gx = conv_input_grad(gs, self._Wm(xs.dtype), C, H, Wd, self.k, self.stride,
-                                 self.padding).reshape(x.shape)
+            gx = conv_kernels.input_grad(gs, self.W, self.in_shape, self.stride,
+                                         self.padding).reshape(x.shape)
         return gx, grads
 
 

@@ -227,3 +227,207 @@ def conv_input_grad(g, Wm, C, H, Wd, k, stride, padding):
             _matmul_add(WmT, g[n].reshape(Co, Ho * Wo), dcols)      # W_mᵀ g[n]
             col2im_sample(dcols, n, k, stride, padding, Ho, Wo, gx)
     return gx
+
+
+# --------------------------------------------------------------------------------------------
+# Channels-last windows + one BLAS product per chunk of samples (the CLI's one-BLAS-thread policy)
+# --------------------------------------------------------------------------------------------
+#
+# The same three maps with the windows in channels-last order: for an output position (y, x) the
+# window row is rows[(y, x), (i, j, c)] = x[c, s·y+i-p, s·x+j-p], so for each i the k·C_in
+# entries (j, c) are one contiguous run of the channels-last input (the NCHW window matrix above
+# copies runs of W' entries, e.g. 8 for a 12x12 input, which is what made it slow). The weights
+# are arranged to match, Wr[(i, j, c'), c] = W[c, c', i, j] (Q x C_out). A chunk of samples
+# stacks its rows (m·H'·W' of them), so one BLAS call per chunk does
+#
+#     forward       out_cl = rows Wr                 (m·P, C_out), then back to NCHW (+ b)
+#     weight grad   dWr   += rowsᵀ g_cl              g_cl = g in channels-last rows
+#     input grad    drows  = g_cl Wrᵀ, then the adjoint of the window copy, back to NCHW
+#
+# Chunks are fixed by N and P (``gemm_samples``), never by the thread count; the weight gradient
+# sums its chunk partials in chunk order; one-thread BLAS gives the same bits for the same shapes.
+# So results do not depend on the number of threads. The rounding differs from the loops above
+# (another order of the same sums): 1e-12 relative in float64 (tests/test_conv_events.py).
+
+#: rows (samples x output positions) per BLAS call: 256-512 measured alike for 12x12x15-40c5
+GEMM_ROWS = 256
+
+
+def gemm_samples(P: int) -> int:
+    """Samples per chunk for P = H'·W' output positions (at least one)."""
+    return max(1, -(-GEMM_ROWS // P))
+
+
+@njit(cache=True)
+def _to_channels_last(x, n, xc):
+    """xc[y, x, c] = x[n, c, y, x]."""
+    C, H, Wd = x.shape[1], x.shape[2], x.shape[3]
+    for c in range(C):
+        for y in range(H):
+            for xo in range(Wd):
+                xc[y, xo, c] = x[n, c, y, xo]
+
+
+@njit(cache=True)
+def im2row_cl(xc, k, stride, padding, Ho, Wo, rows, r0):
+    """S17 windows of one channels-last input xc (H, W, C) into rows r0 + y·W' + x of ``rows``:
+    rows[r0 + y·W' + x, (i·k + j)·C + c] = xc[s·y+i-p, s·x+j-p, c], 0 in the zero padding."""
+    H, Wd, C = xc.shape
+    kC = k * C
+    xf = xc.reshape(H * Wd * C)
+    for y in range(Ho):
+        for xo in range(Wo):
+            r = r0 + y * Wo + xo
+            x0 = stride * xo - padding
+            inside = x0 >= 0 and x0 + k <= Wd
+            for i in range(k):
+                yi = stride * y + i - padding
+                base = i * kC
+                if yi < 0 or yi >= H:
+                    for q in range(kC):
+                        rows[r, base + q] = 0.0
+                elif inside:                                  # one run of k·C entries
+                    o = (yi * Wd + x0) * C
+                    dst = rows[r, base:base + kC]             # slices: no wrap-around checks,
+                    src = xf[o:o + kC]                        # so the copy vectorises
+                    for q in range(kC):
+                        dst[q] = src[q]
+                else:
+                    for j in range(k):
+                        xj = x0 + j
+                        if 0 <= xj < Wd:
+                            o = (yi * Wd + xj) * C
+                            for c in range(C):
+                                rows[r, base + j * C + c] = xf[o + c]
+                        else:
+                            for c in range(C):
+                                rows[r, base + j * C + c] = 0.0
+
+
+@njit(cache=True)
+def row2im_cl(drows, r0, k, stride, padding, Ho, Wo, gc):
+    """Adjoint of im2row_cl: gc[s·y+i-p, s·x+j-p, c] += drows[r0 + y·W' + x, (i·k + j)·C + c]
+    for every index inside the input (gc channels-last (H, W, C))."""
+    H, Wd, C = gc.shape
+    kC = k * C
+    gf = gc.reshape(H * Wd * C)
+    for y in range(Ho):
+        for xo in range(Wo):
+            r = r0 + y * Wo + xo
+            x0 = stride * xo - padding
+            inside = x0 >= 0 and x0 + k <= Wd
+            for i in range(k):
+                yi = stride * y + i - padding
+                if yi < 0 or yi >= H:
+                    continue
+                base = i * kC
+                if inside:
+                    o = (yi * Wd + x0) * C
+                    dst = gf[o:o + kC]
+                    src = drows[r, base:base + kC]
+                    for q in range(kC):
+                        dst[q] += src[q]
+                else:
+                    for j in range(k):
+                        xj = x0 + j
+                        if 0 <= xj < Wd:
+                            o = (yi * Wd + xj) * C
+                            for c in range(C):
+                                gf[o + c] += drows[r, base + j * C + c]
+
+
+@njit(cache=True)
+def _g_rows(g, n, G, r0):
+    """G[r0 + p, c] = g[n, c, p] (one sample's gradient as channels-last rows)."""
+    Co = g.shape[1]
+    P = g.shape[2] * g.shape[3]
+    gn = g[n].reshape(Co, P)
+    for c in range(Co):
+        for p in range(P):
+            G[r0 + p, c] = gn[c, p]
+
+
+@njit(cache=True, parallel=True)
+def conv_forward_gemm(x, Wr, b, k, stride, padding, Ho, Wo, spc):
+    """S17 forward (as conv_forward) by channels-last windows and one BLAS product per chunk of
+    ``spc`` samples. Wr (C_in·k·k, C_out) = W arranged as Wr[(i, j, c'), c]."""
+    N, C, H, Wd = x.shape
+    Q, Co = Wr.shape
+    P = Ho * Wo
+    out = np.empty((N, Co, Ho, Wo), dtype=x.dtype)
+    n_chunks = (N + spc - 1) // spc
+    has_b = b.shape[0] > 0
+    for ch in prange(n_chunks):                              # each chunk writes its own samples
+        a = ch * spc
+        z = min(N, a + spc)
+        xc = np.empty((H, Wd, C), dtype=x.dtype)
+        rows = np.empty(((z - a) * P, Q), dtype=x.dtype)
+        for n in range(a, z):
+            _to_channels_last(x, n, xc)
+            im2row_cl(xc, k, stride, padding, Ho, Wo, rows, (n - a) * P)
+        res = np.empty(((z - a) * P, Co), dtype=x.dtype)
+        np.dot(rows, Wr, res)                                # Σ_{c',i,j} W · window
+        for n in range(a, z):
+            o = out[n].reshape(Co, P)
+            r0 = (n - a) * P
+            for c in range(Co):
+                bc = b[c] if has_b else 0.0
+                for p in range(P):
+                    o[c, p] = res[r0 + p, c] + bc            # + b[c]
+    return out
+
+
+@njit(cache=True, parallel=True)
+def conv_weight_grad_gemm(g, x, k, stride, padding, spc):
+    """S17 weight gradient (as conv_weight_grad) in the channels-last arrangement: returns
+    dWr (C_in·k·k, C_out), dWr[(i, j, c'), c] = dW[c, c', i, j]. One BLAS product per chunk of
+    ``spc`` samples into the chunk's partial; partials summed in chunk order."""
+    N, Co, Ho, Wo = g.shape
+    _, C, H, Wd = x.shape
+    P = Ho * Wo
+    Q = k * k * C
+    n_chunks = (N + spc - 1) // spc
+    part = np.empty((n_chunks, Q, Co), dtype=x.dtype)
+    for ch in prange(n_chunks):                              # each chunk its own partial
+        a = ch * spc
+        z = min(N, a + spc)
+        xc = np.empty((H, Wd, C), dtype=x.dtype)
+        rows = np.empty(((z - a) * P, Q), dtype=x.dtype)
+        G = np.empty(((z - a) * P, Co), dtype=x.dtype)
+        for n in range(a, z):
+            _to_channels_last(x, n, xc)
+            im2row_cl(xc, k, stride, padding, Ho, Wo, rows, (n - a) * P)
+            _g_rows(g, n, G, (n - a) * P)
+        np.dot(rows.T, G, part[ch])                          # Σ window ⊗ g
+    out = part[0].copy()
+    for ch in range(1, n_chunks):
+        out += part[ch]
+    return out
+
+
+@njit(cache=True, parallel=True)
+def conv_input_grad_gemm(g, WrT, C, H, Wd, k, stride, padding, spc):
+    """S17 input gradient (as conv_input_grad) by one BLAS product per chunk of ``spc`` samples,
+    then the adjoint of the channels-last window copy. WrT (C_out, C_in·k·k) = Wrᵀ, contiguous."""
+    N, Co, Ho, Wo = g.shape
+    Q = WrT.shape[1]
+    P = Ho * Wo
+    gx = np.empty((N, C, H, Wd), dtype=g.dtype)
+    n_chunks = (N + spc - 1) // spc
+    for ch in prange(n_chunks):                              # each chunk writes its own samples
+        a = ch * spc
+        z = min(N, a + spc)
+        G = np.empty(((z - a) * P, Co), dtype=g.dtype)
+        for n in range(a, z):
+            _g_rows(g, n, G, (n - a) * P)
+        drows = np.empty(((z - a) * P, Q), dtype=g.dtype)
+        np.dot(G, WrT, drows)                                # W_mᵀ g, one row per window
+        gc = np.empty((H, Wd, C), dtype=g.dtype)
+        for n in range(a, z):
+            gc[:, :, :] = 0.0
+            row2im_cl(drows, (n - a) * P, k, stride, padding, Ho, Wo, gc)
+            for c in range(C):
+                for y in range(H):
+                    for xo in range(Wd):
+                        gx[n, c, y, xo] = gc[y, xo, c]
+    return gx
