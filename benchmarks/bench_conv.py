@@ -15,6 +15,7 @@ Run from the repository root:
 
     python benchmarks/bench_conv.py                 # all shapes, float64, numba's default threads
     python benchmarks/bench_conv.py --threads 1 --dtype float32 --reps 3
+    python benchmarks/bench_conv.py --events --rows 320 --reps 15 [--dtype float32]
 
 Each figure is "wall/cpu": the fastest of --reps calls (after one warm-up call) in wall-clock
 milliseconds, and the least process CPU time (all threads) of those calls; the four ways are timed
@@ -39,10 +40,18 @@ def _parse():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--ways", default="sample-loop,sample-gemm,rows-gemm,direct")
     ap.add_argument("--rows", default="320,2000", help="T·B values, comma separated")
+    ap.add_argument("--events", action="store_true",
+                    help="A/B of the library's three paths (loop, gemm, events) per layer shape "
+                         "of conv5 and spikebp's LeNet and input density (see events_ab)")
+    ap.add_argument("--densities", default="0.02,0.05,0.1,0.2,0.3")
     return ap.parse_args()
 
 
 ARGS = _parse() if __name__ == "__main__" else None
+if ARGS is not None and ARGS.events:                     # the CLI's policy (as the library's
+    for var, val in (("OPENBLAS_NUM_THREADS", "1"), ("MKL_NUM_THREADS", "1"),   # BLAS path needs)
+                     ("OMP_WAIT_POLICY", "passive")):
+        os.environ.setdefault(var, val)
 if ARGS is not None and ARGS.threads:                   # must be set before numba/BLAS load
     for var in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(ARGS.threads)
@@ -315,5 +324,76 @@ def main(args):
     print(f"# load average at end: {os.getloadavg()}")
 
 
+# ----------------------------------------------------------------------------- events A/B
+# (name, C_in, H, C_out, k, padding): conv5's two conv layers and spikebp's LeNet (20c5, 50c5)
+EVENT_SHAPES = [
+    ("28x28x1-15c5", 1, 28, 15, 5, 0),
+    ("12x12x15-40c5", 15, 12, 40, 5, 0),
+    ("28x28x1-20c5", 1, 28, 20, 5, 0),
+    ("12x12x20-50c5", 20, 12, 50, 5, 0),
+]
+
+
+def events_ab(args):
+    """The library's paths of refsnn/kernels/conv_events.py, interleaved in one process: the
+    per-sample loops (``loop``), channels-last windows + BLAS per chunk (``gemm``) and the event
+    kernels (``events``, 0/1 inputs), forward and weight gradient, on T·B rows of Bernoulli spikes
+    of each density. Each cell: median / min wall ms over --reps rounds (the ways in a rotating
+    order each round); the last column the ratio loop / events and gemm / events of the minima."""
+    from refsnn.kernels import conv_events as CE
+    dtype = np.dtype(args.dtype)
+    rng = np.random.default_rng(0)
+    rows = int(args.rows.split(",")[0])
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python "
+          f"{platform.python_version()}, numpy {np.__version__}, numba {numba.__version__}, "
+          f"numba threads {numba.config.NUMBA_NUM_THREADS}, OPENBLAS_NUM_THREADS="
+          f"{os.environ.get('OPENBLAS_NUM_THREADS')}, {dtype}, T*B {rows}, {args.reps} rounds")
+    print(f"# load average at start: {os.getloadavg()}")
+    print(f"{'shape':16s} {'dens':>5s} {'op':7s} {'loop':>13s} {'gemm':>13s} {'events':>13s}"
+          f"  loop/ev gemm/ev")
+    for name, C, H, Co, k, p in EVENT_SHAPES:
+        Ho = H + 2 * p - k + 1
+        Wt = rng.uniform(-0.3, 0.3, (Co, C, k, k)).astype(dtype)
+        Wm = np.ascontiguousarray(Wt.reshape(Co, -1))
+        Wr, Wev = CE.w_rows(Wt, dtype), CE.w_events(Wt, dtype)
+        b = np.zeros(0, dtype)
+        g = rng.standard_normal((rows, Co, Ho, Ho)).astype(dtype)
+        spc = K.gemm_samples(Ho * Ho)
+        for d in (float(v) for v in args.densities.split(",")):
+            x = (rng.random((rows, C, H, H)) < d).astype(dtype)
+            ops = {
+                "forward": {"loop": lambda: K.conv_forward(x, Wm, b, k, 1, p, Ho, Ho),
+                            "gemm": lambda: K.conv_forward_gemm(x, Wr, b, k, 1, p, Ho, Ho, spc),
+                            "events": lambda: CE.event_forward(x, Wev, b, k, 1, p, Ho, Ho)},
+                "wgrad": {"loop": lambda: K.conv_weight_grad(g, x, k, 1, p).reshape(Wt.shape),
+                          "gemm": lambda: CE.dw_from_rows(
+                              K.conv_weight_grad_gemm(g, x, k, 1, p, spc), Wt.shape),
+                          "events": lambda: CE.dw_from_events(
+                              CE.event_weight_grad(g, x, k, 1, p), Wt.shape)},
+            }
+            for op, fns in ops.items():
+                ref = fns["loop"]()
+                for w in ("gemm", "events"):                       # warm-up and agreement
+                    tol = 1e-12 if dtype == np.float64 else 1e-5
+                    assert np.abs(fns[w]() - ref).max() <= tol * max(np.abs(ref).max(), 1e-300)
+                times = {w: [] for w in fns}
+                order = list(fns)
+                for r in range(args.reps):
+                    for w in order[r % 3:] + order[:r % 3]:
+                        t0 = time.perf_counter()
+                        fns[w]()
+                        times[w].append(time.perf_counter() - t0)
+                med = {w: 1e3 * float(np.median(v)) for w, v in times.items()}
+                lo = {w: 1e3 * min(v) for w, v in times.items()}
+                print(f"{name:16s} {d:5.2f} {op:7s} "
+                      + " ".join(f"{med[w]:6.2f}/{lo[w]:<6.2f}" for w in fns)
+                      + f"  {lo['loop'] / lo['events']:6.2f} {lo['gemm'] / lo['events']:6.2f}",
+                      flush=True)
+    print(f"# load average at end: {os.getloadavg()}")
+
+
 if __name__ == "__main__":
-    main(ARGS)
+    if ARGS.events:
+        events_ab(ARGS)
+    else:
+        main(ARGS)

@@ -162,11 +162,17 @@ def test_path_choice():
     assert CE.spike_density(sparse) == pytest.approx(sparse.mean())
     assert CE.spike_density(analog) is None
     assert CE.spike_density(np.zeros((2, 1, 3, 3))) == 0.0
+    mid = (rng.random((4, 3, 8, 8)) < 0.16).astype(np.float32)
+    d = CE.spike_density(mid)
     with paths("auto"):
         assert CE.use_events(sparse)
         assert not CE.use_events(dense)                 # above MAX_DENSITY
         assert not CE.use_events(analog)                # not a spike train
         assert CE.use_gemm(3, 5)
+        for op in ("forward", "wgrad"):                 # the limit of the product against BLAS
+            assert CE.use_events(mid, op) == (d <= CE.MAX_DENSITY[(np.dtype(np.float32), op)])
+    with paths("auto", min_run=100):                    # against the loops
+        assert CE.use_events(mid) == (d <= CE.MAX_DENSITY_LOOP)
     with paths("events"):
         assert CE.use_events(dense)
         assert not CE.use_events(analog)

@@ -36,9 +36,15 @@ from . import blas
 from .conv import (N_CHUNKS, _chunk, _g_rows, conv_forward, conv_forward_gemm, conv_input_grad,
                    conv_input_grad_gemm, conv_weight_grad, conv_weight_grad_gemm, gemm_samples)
 
-#: Largest input density (fraction of ones) at which the event path is used, per dtype.
-#: Measured by benchmarks/bench_conv.py --events (benchmarks/README.md, "Conv event path").
-MAX_DENSITY = {np.dtype(np.float64): 0.30, np.dtype(np.float32): 0.30}
+#: Largest input density (fraction of ones) at which the events beat the BLAS path, per dtype and
+#: product; measured by benchmarks/bench_conv.py --events on conv5's and spikebp's LeNet layer
+#: shapes (benchmarks/README.md, "Conv event path").
+MAX_DENSITY = {(np.dtype(np.float32), "forward"): 0.12, (np.dtype(np.float32), "wgrad"): 0.25,
+               (np.dtype(np.float64), "forward"): 0.20, (np.dtype(np.float64), "wgrad"): 0.25}
+
+#: The same where the alternative is the per-sample loops (no BLAS path for the layer): the
+#: events were 1.04-1.6x faster than the loops at 30% on every shape measured.
+MAX_DENSITY_LOOP = 0.30
 
 #: Shortest run k·C_in of the channels-last windows for the BLAS path; shorter runs (C_in = 1
 #: or 2 with k = 5) make the window copies slower than the loops (bench_conv.py).
@@ -225,14 +231,22 @@ def dw_from_rows(dWr: np.ndarray, W_shape) -> np.ndarray:
     return np.ascontiguousarray(dWr.reshape(k, k, C, Co).transpose(3, 2, 0, 1))
 
 
-def use_events(xs: np.ndarray) -> bool:
-    """The event rule for an input xs (N, C_in, H, W): MODE, 0/1 entries, density."""
+def use_events(xs: np.ndarray, op: str = "forward", C_in: int = 0, k: int = 0,
+               density: float | None = -1.0) -> bool:
+    """The event rule for the product ``op`` ("forward" or "wgrad") of an input xs (N, C_in, H,
+    W): MODE, 0/1 entries, and the density under the limit against the path it would replace
+    (BLAS when :func:`use_gemm`, else the loops). ``density``: :func:`spike_density` of xs when
+    already known."""
     if MODE in ("loop", "gemm"):
         return False
-    d = spike_density(xs)
+    d = spike_density(xs) if density == -1.0 else density
     if d is None:
         return False
-    return MODE == "events" or d <= MAX_DENSITY.get(np.dtype(xs.dtype), 0.0)
+    if MODE == "events":
+        return True
+    if use_gemm(C_in or xs.shape[1], k or 1):
+        return d <= MAX_DENSITY.get((np.dtype(xs.dtype), op), 0.0)
+    return d <= MAX_DENSITY_LOOP
 
 
 def use_gemm(C_in: int, k: int) -> bool:
@@ -245,7 +259,7 @@ def forward(xs, W, b, stride, padding, Ho, Wo, events=None):
     result of :func:`use_events` for xs when already known. b: (C_out,) or empty."""
     k = W.shape[2]
     if events is None:
-        events = use_events(xs)
+        events = use_events(xs, "forward", W.shape[1], k)
     if events:
         return event_forward(xs, w_events(W, xs.dtype), b, k, stride, padding, Ho, Wo)
     if use_gemm(W.shape[1], k):
@@ -260,7 +274,7 @@ def weight_grad(gs, xs, W_shape, stride, padding, events=None):
     C-contiguous in one dtype."""
     k = W_shape[2]
     if events is None:
-        events = use_events(xs)
+        events = use_events(xs, "wgrad", W_shape[1], k)
     if events:
         return dw_from_events(event_weight_grad(gs, xs, k, stride, padding), W_shape)
     if use_gemm(W_shape[1], k):
